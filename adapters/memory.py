@@ -1,0 +1,174 @@
+"""An in-memory EventStore: the fake for tests and for embedding without a disk."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Sequence
+
+import anyio
+import msgspec
+
+from adapters.ledger import Ledger
+from kernel.events import Event
+from kernel.ports import JobPage, JobQuery, StoreUnavailable
+from kernel.state import Job, StoredEvent
+
+
+class Notifier:
+    """Wakes every tailer when new events are committed."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def notify(self) -> None:
+        """Wake everyone waiting now."""
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Wait for the next notify, or at most `timeout_s`."""
+        event = self._event
+        with anyio.move_on_after(timeout_s):
+            await event.wait()
+
+
+class MemoryEventStore:
+    """The whole log and read model in dicts; same contract as the SQLite store."""
+
+    def __init__(self) -> None:
+        self._events: list[StoredEvent] = []
+        self._by_job: dict[str, list[StoredEvent]] = {}
+        self._jobs: dict[str, Job] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+        self._ledger = Ledger()
+        self._notifier = Notifier()
+        self._closed = False
+
+    async def append(
+        self, job_id: str, events: Sequence[Event], expected_version: int
+    ) -> list[StoredEvent]:
+        """Append atomically (see the EventStore port)."""
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        batch = self._ledger.begin(self._jobs.get, lambda wf, key: self._keys.get((wf, key)))
+        rows = batch.prepare(job_id, events, expected_version)
+        self._ledger.commit(batch)
+        for job in batch.jobs.values():
+            self._jobs[job.id] = job
+        self._keys.update(batch.keys)
+        stored = [row.stored for row in rows]
+        self._events.extend(stored)
+        self._by_job.setdefault(job_id, []).extend(stored)
+        self._notifier.notify()
+        return stored
+
+    async def read_job(self, job_id: str) -> list[StoredEvent]:
+        """Every event of one job, in version order."""
+        return list(self._by_job.get(job_id, ()))
+
+    async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Up to `limit` events after `after`; seq is gapless, so it indexes the list."""
+        return self._events[max(0, after) : max(0, after) + limit]
+
+    async def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """Every event after `after`, then each new one as it is committed."""
+        while True:
+            batch = await self.read_all(after, 1000)
+            for stored in batch:
+                yield stored
+                after = stored.seq
+            if not batch:
+                await self._notifier.wait(1.0)
+
+    async def last_seq(self) -> int:
+        """The newest seq (0 when empty)."""
+        return self._ledger.last_seq
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The read-model row of one job."""
+        return self._jobs.get(job_id)
+
+    async def find_active(self, workflow_name: str, file_path: str) -> Job | None:
+        """The active job that owns a file."""
+        owner = self._ledger.files.get((workflow_name, file_path))
+        return self._jobs.get(owner) if owner else None
+
+    async def find_by_key(self, workflow_name: str, idempotency_key: str) -> Job | None:
+        """The job created with this idempotency key."""
+        owner = self._keys.get((workflow_name, idempotency_key))
+        return self._jobs.get(owner) if owner else None
+
+    async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
+        """Pending and running jobs, oldest first."""
+        jobs = [
+            job
+            for job in self._ledger.active.values()
+            if workflow_name is None or job.workflow_name == workflow_name
+        ]
+        return sorted(jobs, key=lambda job: job.created_seq)
+
+    async def list_jobs(self, query: JobQuery) -> JobPage:
+        """A page of jobs, newest first, after the cursor."""
+        before = decode_cursor(query.cursor)
+        matches = (job for job in reversed(self._jobs.values()) if _matches(job, query, before))
+        items: list[Job] = []
+        for job in matches:
+            items.append(job)
+            if len(items) > query.limit:
+                break
+        return page_of(items, query.limit)
+
+    async def count_jobs(self) -> dict[tuple[str, str], int]:
+        """Jobs per (workflow, status)."""
+        counts: dict[tuple[str, str], int] = {}
+        for job in self._jobs.values():
+            key = (job.workflow_name, str(job.status))
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    async def close(self) -> None:
+        """Refuse further appends."""
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+
+
+def _matches(job: Job, query: JobQuery, before: int | None) -> bool:
+    return (
+        (before is None or job.created_seq < before)
+        and (query.workflow_name is None or job.workflow_name == query.workflow_name)
+        and (query.status is None or job.status == query.status)
+        and (query.channel_name is None or job.channel_name == query.channel_name)
+        and (query.created_after is None or job.created_at >= query.created_after)
+        and (query.created_before is None or job.created_at < query.created_before)
+    )
+
+
+class _Cursor(msgspec.Struct, array_like=True):
+    before_seq: int
+
+
+def encode_cursor(before_seq: int) -> str:
+    """An opaque cursor: the page continues with jobs created before this seq."""
+    return base64.urlsafe_b64encode(msgspec.json.encode(_Cursor(before_seq))).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    """The seq a cursor stands for; ValueError for a cursor we did not make."""
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        return msgspec.json.decode(raw, type=_Cursor).before_seq
+    except (ValueError, msgspec.DecodeError) as exc:
+        raise ValueError("invalid cursor") from exc
+
+
+def page_of(items: list[Job], limit: int) -> JobPage:
+    """Cut a newest-first list (fetched with one extra row) into a page and its cursor."""
+    if len(items) > limit:
+        items = items[:limit]
+        return JobPage(items=items, next_cursor=encode_cursor(items[-1].created_seq))
+    return JobPage(items=items, next_cursor=None)

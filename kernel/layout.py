@@ -1,0 +1,73 @@
+"""Where a job's file lives at each stage: pure path rules, relative to the data root.
+
+`{workflow}/input/{name}` -> `{workflow}/processing/{job_id}--{name}` ->
+`{workflow}/archive/{yyyy-mm-dd}/{job_id}--{name}` (UTC date of completion) or
+`{workflow}/error/{job_id}--{name}` (final failure or cancellation).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from posixpath import basename
+from typing import Protocol
+
+STAGES = ("input", "processing", "output", "archive", "error")
+WORKFLOW_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# Words the HTTP API uses under /api/ itself, so no workflow may take them.
+RESERVED_NAMES = frozenset(
+    {
+        "jobs", "events", "queue", "workflows", "alerts", "notifications", "logs", "metrics",
+        "health", "healthz", "readyz", "livez", "docs", "openapi", "static", "api", "admin",
+        "auth", "token", "tokens", "status", "config", "settings", "dashboard",
+    }
+)
+
+
+class HasFile(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def workflow_name(self) -> str: ...
+    @property
+    def file_path(self) -> str: ...
+
+
+def check_workflow_name(name: str) -> str | None:
+    """Why `name` cannot be a workflow's name, or None when it can."""
+    if not WORKFLOW_NAME.match(name):
+        return "must match ^[a-z][a-z0-9_]{0,63}$"
+    if name in RESERVED_NAMES:
+        return f"{name!r} is reserved by the API"
+    return None
+
+
+def input_path(workflow_name: str, name: str) -> str:
+    """The data-root relative path of a file in a workflow's hot folder."""
+    return f"{workflow_name}/input/{name}"
+
+
+def stored_name(job: HasFile) -> str:
+    """The file's name once it belongs to a job: `{job_id}--{name}`."""
+    return f"{job.id}--{basename(job.file_path)}"
+
+
+def processing_path(job: HasFile) -> str:
+    """Where the file lies while an attempt works on it (and between retries)."""
+    return f"{job.workflow_name}/processing/{stored_name(job)}"
+
+
+def archive_path(job: HasFile, at: datetime) -> str:
+    """Where a completed job's input rests: dated by the UTC day of completion."""
+    day = at.astimezone(UTC).strftime("%Y-%m-%d")
+    return f"{job.workflow_name}/archive/{day}/{stored_name(job)}"
+
+
+def error_path(job: HasFile) -> str:
+    """Where a finally failed or cancelled job's input rests, beside its `.error.json`."""
+    return f"{job.workflow_name}/error/{stored_name(job)}"
+
+
+def output_dir(workflow_name: str) -> str:
+    """The workflow's output folder, relative to the data root."""
+    return f"{workflow_name}/output"

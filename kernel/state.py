@@ -1,0 +1,219 @@
+"""The job status view and its fold: `evolve(job, event) -> job` is total."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from kernel import layout
+from kernel.events import (
+    AnyEvent,
+    Event,
+    JobCancelled,
+    JobCompleted,
+    JobCreated,
+    JobFailed,
+    JobProgress,
+    JobRetried,
+    JobStarted,
+)
+
+
+class Status(enum.StrEnum):
+    """Where a job stands in its lifecycle."""
+
+    PENDING = "pending"  # also while waiting for retry_at
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"  # finally failed
+    CANCELLED = "cancelled"
+
+
+ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Why the last attempt failed, or who cancelled the job."""
+
+    type: str
+    message: str
+    traceback: str = ""
+    actor: str | None = None
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """One job as the log says it is now: the status view."""
+
+    id: str
+    workflow_name: str
+    file_path: str
+    current_path: str
+    channel_name: str | None = None
+    priority: int = 0
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    completeness: str = "submitted"
+    idempotency_key: str | None = None
+    status: Status = Status.PENDING
+    attempts: int = 0
+    progress: float = 0.0
+    progress_message: str = ""
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    retry_at: datetime | None = None
+    error: ErrorInfo | None = None
+    result: dict[str, Any] | None = None
+    output_paths: list[str] = msgspec.field(default_factory=list)
+    version: int = 0  # events applied: the expected_version of the next append
+    seq: int = 0  # global position of the last event applied
+    created_seq: int = 0  # global position of JobCreated: FIFO order in the queue
+
+    @property
+    def is_active(self) -> bool:
+        """Pending or running: the job still owns its file."""
+        return self.status in ACTIVE
+
+
+def evolve(job: Job | None, event: Event) -> Job:
+    """Apply one event to a job; total: an event that cannot apply is a bug upstream."""
+    if isinstance(event, JobCreated):
+        return _created(event)
+    if job is None:
+        raise ValueError(f"{type(event).__name__} for unknown job {event.job_id}")
+    return _evolve_existing(job, event)
+
+
+def _evolve_existing(job: Job, event: Event) -> Job:
+    match event:
+        case JobStarted():
+            return msgspec.structs.replace(
+                job,
+                status=Status.RUNNING,
+                attempts=event.attempt,
+                started_at=event.at,
+                retry_at=None,
+                progress=0.0,
+                progress_message="",
+                current_path=layout.processing_path(job),
+                updated_at=event.at,
+                version=job.version + 1,
+            )
+        case JobProgress():
+            return msgspec.structs.replace(
+                job,
+                progress=event.fraction,
+                progress_message=event.message,
+                updated_at=event.at,
+                version=job.version + 1,
+            )
+        case JobFailed():
+            return _failed(job, event)
+        case JobCompleted():
+            return msgspec.structs.replace(
+                job,
+                status=Status.COMPLETED,
+                progress=1.0,
+                result=event.result,
+                output_paths=list(event.output_paths),
+                finished_at=event.at,
+                error=None,
+                current_path=layout.archive_path(job, event.at),
+                updated_at=event.at,
+                version=job.version + 1,
+            )
+        case JobCancelled():
+            return msgspec.structs.replace(
+                job,
+                status=Status.CANCELLED,
+                finished_at=event.at,
+                retry_at=None,
+                error=ErrorInfo(type="Cancelled", message=event.reason, actor=event.actor),
+                current_path=layout.error_path(job),
+                updated_at=event.at,
+                version=job.version + 1,
+            )
+        case JobRetried():
+            # The file stays in error/ until the next claim moves it to processing/.
+            return msgspec.structs.replace(
+                job,
+                status=Status.PENDING,
+                finished_at=None,
+                retry_at=None,
+                progress=0.0,
+                progress_message="",
+                updated_at=event.at,
+                version=job.version + 1,
+            )
+    raise ValueError(f"unknown event {type(event).__name__}")
+
+
+def _created(event: JobCreated) -> Job:
+    return Job(
+        id=event.job_id,
+        workflow_name=event.workflow_name,
+        file_path=event.file_path,
+        current_path=event.file_path,
+        channel_name=event.channel_name,
+        priority=event.priority,
+        params=event.params,
+        completeness=event.completeness,
+        idempotency_key=event.idempotency_key,
+        created_at=event.at,
+        updated_at=event.at,
+        version=1,
+    )
+
+
+def _failed(job: Job, event: JobFailed) -> Job:
+    final = event.retry_at is None
+    error = ErrorInfo(type=event.error_type, message=event.message, traceback=event.traceback)
+    if final:
+        return msgspec.structs.replace(
+            job,
+            status=Status.FAILED,
+            error=error,
+            retry_at=None,
+            finished_at=event.at,
+            current_path=layout.error_path(job),
+            updated_at=event.at,
+            version=job.version + 1,
+        )
+    # A retry waits in processing/ where the failed attempt left its file.
+    return msgspec.structs.replace(
+        job,
+        status=Status.PENDING,
+        error=error,
+        retry_at=event.retry_at,
+        updated_at=event.at,
+        version=job.version + 1,
+    )
+
+
+class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as the log holds it: its global seq, per-job version and chain hash."""
+
+    seq: int
+    job_id: str
+    version: int
+    event: AnyEvent
+    hash: str = ""
+
+
+def apply(job: Job | None, stored: StoredEvent) -> Job:
+    """Fold one stored event: `evolve`, stamped with the log position it reflects."""
+    new = evolve(job, stored.event)
+    created_seq = stored.seq if job is None else job.created_seq
+    return msgspec.structs.replace(new, seq=stored.seq, created_seq=created_seq)
+
+
+def replay(stored_events: list[StoredEvent]) -> dict[str, Job]:
+    """Fold a log (in seq order) into every job's state: the independent oracle of a store."""
+    jobs: dict[str, Job] = {}
+    for stored in stored_events:
+        jobs[stored.job_id] = apply(jobs.get(stored.job_id), stored)
+    return jobs
