@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from kernel.chain import GENESIS, link
 from kernel.events import Event, JobCreated, JobRetried, encode_event, event_tag
-from kernel.ports import ConcurrencyConflict, DuplicateJob
+from kernel.ports import ConcurrencyConflict, DuplicateJob, StoreError
 from kernel.state import Job, StoredEvent, apply
 
 FileKey = tuple[str, str]  # (workflow_name, file_path)
@@ -104,7 +104,7 @@ class Batch:
         seq, prev = self.last_seq, self.last_hash
         for event in events:
             if event.job_id != job_id:
-                raise ValueError(f"event for job {event.job_id} appended to job {job_id}")
+                raise StoreError(f"event for job {event.job_id} appended to job {job_id}")
             self._check_owner(new_job, event)
             seq += 1
             payload = encode_event(event)

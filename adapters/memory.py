@@ -10,7 +10,7 @@ import msgspec
 
 from adapters.ledger import Ledger
 from kernel.events import Event
-from kernel.ports import JobPage, JobQuery, StoreUnavailable
+from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreUnavailable
 from kernel.state import Job, StoredEvent
 
 
@@ -48,19 +48,33 @@ class MemoryEventStore:
         self, job_id: str, events: Sequence[Event], expected_version: int
     ) -> list[StoredEvent]:
         """Append atomically (see the EventStore port)."""
+        (result,) = await self.append_batch([Append(job_id, events, expected_version)])
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[list[StoredEvent] | StoreError]:
+        """Several appends at once; each succeeds or fails on its own."""
         self._check_open()
         await anyio.lowlevel.checkpoint()
         batch = self._ledger.begin(self._jobs.get, lambda wf, key: self._keys.get((wf, key)))
-        rows = batch.prepare(job_id, events, expected_version)
+        results: list[list[StoredEvent] | StoreError] = []
+        for item in appends:
+            try:
+                rows = batch.prepare(item.job_id, item.events, item.expected_version)
+            except StoreError as exc:
+                results.append(exc)
+                continue
+            results.append([row.stored for row in rows])
         self._ledger.commit(batch)
         for job in batch.jobs.values():
             self._jobs[job.id] = job
         self._keys.update(batch.keys)
-        stored = [row.stored for row in rows]
-        self._events.extend(stored)
-        self._by_job.setdefault(job_id, []).extend(stored)
+        for row in batch.rows:
+            self._events.append(row.stored)
+            self._by_job.setdefault(row.stored.job_id, []).append(row.stored)
         self._notifier.notify()
-        return stored
+        return results
 
     async def read_job(self, job_id: str) -> list[StoredEvent]:
         """Every event of one job, in version order."""

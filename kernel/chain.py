@@ -69,7 +69,9 @@ def verify(rows: Iterable[ChainRow], prev_hash: str = GENESIS) -> ChainReport:
         if row.seq <= last_seq:
             report.first_bad_seq, report.reason = row.seq, "seq out of order"
             return report
-        expected = link(report.last_hash, row.seq, row.job_id, row.version, row.type_tag, row.payload)
+        expected = link(
+            report.last_hash, row.seq, row.job_id, row.version, row.type_tag, row.payload
+        )
         if expected != row.hash:
             report.first_bad_seq, report.reason = row.seq, "hash does not match its content"
             return report

@@ -80,7 +80,9 @@ class JobRetried(Event, frozen=True, tag="job.retried"):
     reason: str = ""
 
 
-AnyEvent = JobCreated | JobStarted | JobProgress | JobFailed | JobCompleted | JobCancelled | JobRetried
+AnyEvent = (
+    JobCreated | JobStarted | JobProgress | JobFailed | JobCompleted | JobCancelled | JobRetried
+)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     JobCreated,

@@ -6,7 +6,7 @@ errors below, so the kernel never sees sqlite3 or psycopg exceptions.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -77,6 +77,14 @@ class JobPage(msgspec.Struct, frozen=True, kw_only=True):
     next_cursor: str | None = None
 
 
+class Append(msgspec.Struct, frozen=True):
+    """One job's events to append at the version the caller saw."""
+
+    job_id: str
+    events: Sequence[Event]
+    expected_version: int
+
+
 class EventStore(Protocol):
     """The append-only job log with its status read model.
 
@@ -95,6 +103,16 @@ class EventStore(Protocol):
         Raises ConcurrencyConflict when the job is at another version, DuplicateJob when a
         JobCreated names a (workflow, file_path) that has an active job or a reused
         (workflow, idempotency_key), StoreFull when the disk is full.
+        """
+        ...
+
+    async def append_batch(
+        self, appends: Sequence[Append]
+    ) -> list[list[StoredEvent] | StoreError]:
+        """Several appends in one transaction; each succeeds or fails on its own.
+
+        Returns, in order, each append's stored events or the error that refused it.
+        This is how a job's JobCompleted and the next job's JobStarted share a commit.
         """
         ...
 
@@ -187,7 +205,9 @@ ProgressSink = Callable[[float, str], None]
 class Files(Protocol):
     """The hot folders: moves that follow durable events, and the processor's workspace."""
 
-    async def intake(self, job: Job, config: WorkflowConfig, processor: BaseProcessor) -> Refusal | None:
+    async def intake(
+        self, job: Job, config: WorkflowConfig, processor: BaseProcessor
+    ) -> Refusal | None:
         """Run the intake checks on a pending job's file; raise ScannerUnavailable to wait."""
         ...
 
@@ -206,12 +226,25 @@ class Files(Protocol):
         """
         ...
 
-    async def reconcile(self, workflow_name: str, active: Sequence[Job]) -> None:
-        """At registration: find active jobs' files, return orphans, sweep temporaries."""
+    async def reconcile(
+        self,
+        workflow_name: str,
+        active: Sequence[Job],
+        lookup: Callable[[str], Awaitable[Job | None]],
+    ) -> None:
+        """At registration: sweep temporaries; settle or return files no active job owns.
+
+        `lookup(job_id)` reads a job from the log, so a file whose job already finished
+        is settled (archive/ or error/), never processed again.
+        """
         ...
 
     def context(
-        self, job: Job, config: WorkflowConfig, progress: ProgressSink, cancelled: Callable[[], bool]
+        self,
+        job: Job,
+        config: WorkflowConfig,
+        progress: ProgressSink,
+        cancelled: Callable[[], bool],
     ) -> JobContext:
         """The processor's view of its job: input path, output writer, progress, logger."""
         ...
@@ -223,5 +256,13 @@ class Executor(Protocol):
     async def run(
         self, processor: BaseProcessor, ctx: JobContext, task: BaseTask, runner: str
     ) -> dict[str, Any]:
-        """Call `processor.process(ctx, task)` as its runner says; return its result dict."""
+        """Call `processor.process(ctx, task)` as its runner says; return its result dict.
+
+        Cancellation (a timeout, a cancel request) must stop the wait at once: a worker
+        thread is abandoned after `ctx.cancelled` turns true, a worker process is killed.
+        """
+        ...
+
+    async def cleanup(self, processor: BaseProcessor, ctx: JobContext) -> None:
+        """Call `processor.cleanup(ctx)` off the event loop, time-boxed."""
         ...

@@ -57,6 +57,11 @@ class JobContext(Protocol):
         """A logger bound to job_id, workflow_name and attempt."""
         ...
 
+    @property
+    def output_paths(self) -> list[str]:
+        """The outputs written so far, relative to the data root."""
+        ...
+
     def open_output(self, name: str, mode: str = "wb") -> AbstractContextManager[IO[Any]]:
         """Write `output/{name}` atomically: temporary name, fsync, rename on success only."""
         ...

@@ -1,0 +1,196 @@
+"""The only wiring: `Kernel`, the facade that embeds multiflow in any asyncio app.
+
+    async with Kernel.open(store="sqlite:///data/multiflow.db", data_dir="data") as kernel:
+        kernel.register_workflow("thumbs", ThumbProcessor())
+        job = await kernel.submit("thumbs", "a.png", priority=5)   # data/thumbs/input/a.png
+        await kernel.wait(job.id)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from adapters.clock import SystemClock, UlidEntropy
+from adapters.executor import LocalExecutor
+from adapters.files import HotFolders, PathOutsideRoot
+from adapters.memory import MemoryEventStore
+from adapters.sqlite import SqliteEventStore
+from kernel import layout
+from kernel.config import WorkflowConfig
+from kernel.decide import Rejected
+from kernel.manager import JobManager, Submitted, Workflow
+from kernel.ports import Clock, Entropy, EventStore, Executor, JobPage, JobQuery
+from kernel.state import Job, StoredEvent
+from kernel.task import BaseProcessor
+
+DEFAULT_DRAIN_GRACE_S = 30.0
+
+
+async def open_store(url: str | None, data_dir: Path) -> EventStore:
+    """Open the store a URL names: `sqlite:///rel/path.db`, `sqlite:////abs.db`, `memory://`."""
+    if url is None:
+        return await SqliteEventStore.open(data_dir / "multiflow.db")
+    if url.startswith("memory://"):
+        return MemoryEventStore()
+    if url.startswith("sqlite:///"):
+        return await SqliteEventStore.open(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("the PostgreSQL store is not available in this version")
+    raise ValueError(f"unknown store URL {url!r}: use sqlite:///PATH or memory://")
+
+
+class FileNotInInput(LookupError):
+    """The file a submit names is not in the workflow's input/ folder."""
+
+
+class Kernel:
+    """multiflow embedded: a store, the hot folders and one JobManager, under one task group."""
+
+    def __init__(self, manager: JobManager, store: EventStore, files: HotFolders,
+                 tg: anyio.abc.TaskGroup) -> None:
+        self.manager = manager
+        self.store = store
+        self.files = files
+        self._tg = tg
+        self._recovered: dict[str, anyio.Event] = {}
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        store: str | EventStore | None = None,
+        data_dir: str | Path = "data",
+        *,
+        concurrency: int = 1,
+        aging_interval_s: float | None = 60.0,
+        drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
+        clock: Clock | None = None,
+        entropy: Entropy | None = None,
+        executor: Executor | None = None,
+        worker_name: str = "",
+    ) -> AsyncIterator[Kernel]:
+        """Open the store, start the manager; on exit drain running jobs and close the store."""
+        root = Path(data_dir)
+        await anyio.Path(root).mkdir(parents=True, exist_ok=True)
+        event_store = store if not isinstance(store, str | None) else await open_store(store, root)
+        files = HotFolders(root)
+        manager = JobManager(event_store, files, executor or LocalExecutor(),
+                             clock=clock or SystemClock(), entropy=entropy or UlidEntropy(),
+                             concurrency=concurrency, aging_interval_s=aging_interval_s,
+                             worker_name=worker_name)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(manager.run)
+                kernel = cls(manager, event_store, files, tg)
+                try:
+                    yield kernel
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await manager.drain(drain_grace_s)
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await event_store.close()
+
+    # -- workflows ---------------------------------------------------------------------
+
+    def register_workflow(
+        self,
+        name: str,
+        processor: BaseProcessor,
+        *,
+        config: WorkflowConfig | None = None,
+        watcher: Any = None,
+    ) -> Workflow:
+        """Register a workflow and create its folders; its recovery runs in the background."""
+        workflow = self.manager.add_workflow(name, processor, config=config, watcher=watcher)
+        self.files.ensure_layout(name)
+        done = self._recovered[name] = anyio.Event()
+        self._tg.start_soon(self._recover, workflow, done)
+        return workflow
+
+    async def _recover(self, workflow: Workflow, done: anyio.Event) -> None:
+        try:
+            await self.manager.recover(workflow)
+        finally:
+            done.set()
+
+    async def ready(self, workflow_name: str | None = None) -> None:
+        """Wait until the workflow (or every one registered so far) has recovered."""
+        names = [workflow_name] if workflow_name else list(self._recovered)
+        for name in names:
+            await self._recovered[name].wait()
+
+    # -- jobs --------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        workflow_name: str,
+        file_path: str,
+        *,
+        priority: int = 0,
+        channel_name: str | None = None,
+        params: dict[str, Any] | None = None,
+        completeness: str = "submitted",
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Create a job for `data/{workflow}/input/{file_path}`; durable when it returns."""
+        return (await self.submit_file(
+            workflow_name, file_path, priority=priority, channel_name=channel_name,
+            params=params, completeness=completeness, idempotency_key=idempotency_key)).job
+
+    async def submit_file(self, workflow_name: str, file_path: str, **options: Any) -> Submitted:
+        """Like `submit`, and say whether the job is new or the file's existing active job."""
+        if workflow_name not in self.manager.workflows:
+            raise Rejected("not_found", f"no workflow named {workflow_name!r} is registered")
+        await self.ready(workflow_name)
+        relative = self.input_file(workflow_name, file_path)
+        return await self.manager.submit(workflow_name, relative, **options)
+
+    def input_file(self, workflow_name: str, file_path: str) -> str:
+        """The data-root relative path of a file in input/; refuses escapes and missing files."""
+        if not file_path or "\x00" in file_path or Path(file_path).is_absolute() or \
+                ".." in Path(file_path).parts:
+            raise PathOutsideRoot(f"{file_path!r} must be a relative path inside input/")
+        relative = layout.input_path(workflow_name, Path(file_path).as_posix())
+        absolute = self.files.absolute(relative)
+        inbox = self.files.absolute(f"{workflow_name}/input")
+        if not absolute.is_relative_to(inbox):
+            raise PathOutsideRoot(f"{file_path!r} resolves outside {workflow_name}/input/")
+        if not absolute.is_file():
+            raise FileNotInInput(f"{relative} does not exist")
+        return relative
+
+    async def cancel(self, job_id: str, *, actor: str = "api", reason: str = "") -> Job:
+        """Cancel a pending or running job."""
+        return await self.manager.cancel(job_id, actor=actor, reason=reason)
+
+    async def retry(self, job_id: str, *, actor: str = "api", reason: str = "") -> Job:
+        """Send a failed or cancelled job back to the queue."""
+        return await self.manager.retry(job_id, actor=actor, reason=reason)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """One job's status."""
+        return await self.manager.get_job(job_id)
+
+    async def list_jobs(self, query: JobQuery | None = None, **filters: Any) -> JobPage:
+        """A page of jobs, newest first (filters as in JobQuery)."""
+        return await self.store.list_jobs(query or JobQuery(**filters))
+
+    async def job_events(self, job_id: str) -> list[StoredEvent]:
+        """A job's history, for audits."""
+        return await self.store.read_job(job_id)
+
+    async def events(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """The log after a position."""
+        return await self.store.read_all(after, limit)
+
+    async def wait(self, job_id: str, timeout_s: float | None = None) -> Job:
+        """Wait until a job has finished (completed, failed or cancelled)."""
+        return await self.manager.wait(job_id, timeout_s)

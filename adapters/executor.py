@@ -1,0 +1,88 @@
+"""The Executor port: runs a processor on the loop, in a thread or in a worker process."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import anyio.to_process
+import anyio.to_thread
+import structlog
+
+from adapters.context import DetachedContext, FileJobContext, read_progress
+from kernel.task import BaseProcessor, BaseTask, JobContext
+
+log = structlog.get_logger("multiflow.executor")
+PROGRESS_POLL_S = 0.25
+
+
+class LocalExecutor:
+    """Runs `async def process` on the event loop, a plain `def` in a thread or a process."""
+
+    def __init__(self, *, threads_max: int = 16) -> None:
+        self._threads = anyio.CapacityLimiter(threads_max)
+
+    async def run(
+        self, processor: BaseProcessor, ctx: JobContext, task: BaseTask, runner: str
+    ) -> dict[str, Any]:
+        """Call `processor.process(ctx, task)` as `runner` says (see the Executor port)."""
+        if processor.is_async:
+            return await cast(Awaitable[dict[str, Any]], processor.process(ctx, task))
+        if runner == "process" and isinstance(ctx, FileJobContext):
+            return await self._in_process(processor, ctx, task)
+        call = functools.partial(processor.process, ctx, task)
+        # Abandoned on cancel: the thread sees ctx.cancelled and should return soon.
+        result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True,
+                                                limiter=self._threads)
+        return cast(dict[str, Any], result)
+
+    async def _in_process(
+        self, processor: BaseProcessor, ctx: FileJobContext, task: BaseTask
+    ) -> dict[str, Any]:
+        progress_file = ctx.input_path.with_name(f".{ctx.job.id}.progress")
+        detached = ctx.detached(progress_file)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_relay_progress, progress_file, ctx)
+                # cancellable: a timeout or cancel kills the worker process.
+                result, outputs = await anyio.to_process.run_sync(
+                    _process_entry, processor, detached, task, cancellable=True)
+                tg.cancel_scope.cancel()
+        finally:
+            progress_file.unlink(missing_ok=True)
+        ctx.adopt_outputs(outputs)
+        return cast(dict[str, Any], result)
+
+    async def cleanup(self, processor: BaseProcessor, ctx: JobContext) -> None:
+        """Run the processor's cleanup in a thread; its failure is logged, not raised."""
+        try:
+            if inspect.iscoroutinefunction(processor.cleanup):
+                await processor.cleanup(ctx)
+            else:
+                await anyio.to_thread.run_sync(processor.cleanup, ctx, abandon_on_cancel=True)
+        except Exception:
+            log.exception("processor_cleanup_failed", job_id=ctx.job.id)
+
+
+def _process_entry(
+    processor: BaseProcessor, ctx: DetachedContext, task: BaseTask
+) -> tuple[Any, list[str]]:
+    try:
+        result = processor.process(ctx, task)
+    finally:
+        ctx.flush_progress()
+    return result, ctx.output_paths
+
+
+async def _relay_progress(progress_file: Path, ctx: FileJobContext) -> None:
+    last: tuple[float, str] | None = None
+    while True:
+        await anyio.sleep(PROGRESS_POLL_S)
+        latest = await anyio.to_thread.run_sync(read_progress, progress_file)
+        if latest is not None and latest != last:
+            ctx.progress(*latest)
+            last = latest

@@ -1,0 +1,193 @@
+"""The Files port on real folders: `data/{workflow}/{input,processing,output,archive,error}`.
+
+Every move follows a durable event and is idempotent: it looks for the file
+wherever the lifecycle could have left it, so a move retried after a crash is
+harmless. Names never collide (`{job_id}--{name}`), and nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+import structlog
+
+from adapters.context import FileJobContext
+from adapters.fsutil import TEMP_SUFFIX, durable_rename, write_bytes_atomic
+from adapters.intake import IntakeChecker
+from kernel import layout
+from kernel.config import WorkflowConfig
+from kernel.ports import FileMissing, ProgressSink, Refusal
+from kernel.state import Job, Status
+from kernel.task import BaseProcessor
+
+log = structlog.get_logger("multiflow.files")
+ERROR_SUFFIX = ".error.json"
+
+
+class ErrorReport(msgspec.Struct, kw_only=True):
+    """What `error/{job_id}--x.error.json` says about a failed or cancelled job."""
+
+    job_id: str
+    workflow_name: str
+    file_path: str
+    status: str
+    error_type: str
+    message: str
+    traceback: str = ""
+    actor: str | None = None
+    attempts: int
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class PathOutsideRoot(ValueError):
+    """A path that would resolve outside the data root."""
+
+
+class HotFolders:
+    """The data root and the moves of the job lifecycle (see the module docstring)."""
+
+    def __init__(self, data_dir: str | Path, intake: IntakeChecker | None = None) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.intake_checker = intake or IntakeChecker()
+
+    def ensure_layout(self, workflow_name: str) -> None:
+        """Create the workflow's five folders."""
+        for stage in layout.STAGES:
+            (self.data_dir / workflow_name / stage).mkdir(parents=True, exist_ok=True)
+
+    def absolute(self, relative: str) -> Path:
+        """The absolute path of a data-root relative path; refuses anything outside the root."""
+        if "\x00" in relative:
+            raise PathOutsideRoot("a path may not contain NUL")
+        path = (self.data_dir / relative).resolve()
+        if not path.is_relative_to(self.data_dir):
+            raise PathOutsideRoot(f"{relative!r} is outside the data root")
+        return path
+
+    # -- the Files port ----------------------------------------------------------------
+
+    async def intake(self, job: Job, config: WorkflowConfig,
+                     processor: BaseProcessor) -> Refusal | None:
+        """Run the intake checks on a pending job's file (where it lies now)."""
+        return await anyio.to_thread.run_sync(self._intake, job, config, processor)
+
+    def _intake(self, job: Job, config: WorkflowConfig,
+                processor: BaseProcessor) -> Refusal | None:
+        path = self._find(job)
+        if path is None:
+            return Refusal("FileMissing", f"{job.file_path} is not there any more")
+        return self.intake_checker.check(path, config, processor)
+
+    async def claim(self, job: Job) -> None:
+        """Move the file of a just-started job into processing/ (idempotent)."""
+        await anyio.to_thread.run_sync(self._claim, job)
+
+    async def settle(self, job: Job) -> None:
+        """Move a terminal job's file to archive/ or error/ (idempotent)."""
+        await anyio.to_thread.run_sync(self._settle, job)
+
+    async def reconcile(self, workflow_name: str, active: Sequence[Job],
+                        lookup: Callable[[str], Awaitable[Job | None]]) -> None:
+        """Settle or return the files in processing/ that no active job owns; sweep temps.
+
+        A stray file whose job finished (a crash between its terminal event and the move)
+        is settled like the job; one whose job the log does not know goes back to input/.
+        """
+        self.ensure_layout(workflow_name)
+        strays = await anyio.to_thread.run_sync(self._sweep, workflow_name, active)
+        for path in strays:
+            job_id, _, _ = path.name.partition("--")
+            job = await lookup(job_id)
+            if job is not None and not job.is_active:
+                await self.settle(job)
+            else:
+                await anyio.to_thread.run_sync(self._return_orphan, workflow_name, path)
+
+    def context(self, job: Job, config: WorkflowConfig, progress: ProgressSink,
+                cancelled: Callable[[], bool]) -> FileJobContext:
+        """The processor's workspace for this attempt."""
+        return FileJobContext(job, self.data_dir, self.absolute(job.current_path),
+                              progress, cancelled)
+
+    # -- the moves, in a worker thread -------------------------------------------------
+
+    def _candidates(self, job: Job) -> list[Path]:
+        """Every place the lifecycle may have left the job's file, most advanced first."""
+        places = [layout.processing_path(job), layout.error_path(job), job.file_path]
+        if job.finished_at is not None:
+            places.insert(0, layout.archive_path(job, job.finished_at))
+        return [self.absolute(place) for place in places]
+
+    def _find(self, job: Job) -> Path | None:
+        for path in [self.absolute(job.current_path), *self._candidates(job)]:
+            if path.is_file():
+                return path
+        return None
+
+    def _claim(self, job: Job) -> None:
+        target = self.absolute(job.current_path)
+        if target.exists():
+            return
+        for source in self._candidates(job):
+            if source != target and source.is_file():
+                durable_rename(source, target)
+                self._error_report_path(source).unlink(missing_ok=True)
+                return
+        raise FileMissing(f"{job.file_path} is in none of input/, processing/, error/")
+
+    def _settle(self, job: Job) -> None:
+        target = self.absolute(job.current_path)
+        if not target.exists():
+            source = next((p for p in self._candidates(job) if p != target and p.is_file()), None)
+            if source is None:
+                log.warning("file_missing_at_settle", job_id=job.id, file_path=job.file_path)
+            else:
+                durable_rename(source, target)
+        if job.status in (Status.FAILED, Status.CANCELLED):
+            write_bytes_atomic(self._error_report_path(target),
+                               msgspec.json.format(msgspec.json.encode(_report(job))))
+
+    def _sweep(self, workflow_name: str, active: Sequence[Job]) -> list[Path]:
+        owned = {layout.stored_name(job) for job in active}
+        root = self.data_dir / workflow_name
+        for stage in layout.STAGES:
+            for tmp in (root / stage).rglob(f"*{TEMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+        return [
+            path for path in sorted((root / "processing").iterdir())
+            if path.is_file() and path.name not in owned and not path.name.startswith(".")
+        ]
+
+    def _return_orphan(self, workflow_name: str, path: Path) -> None:
+        _, _, name = path.name.partition("--")
+        target = self.data_dir / workflow_name / "input" / (name or path.name)
+        if target.exists():
+            target = self.data_dir / workflow_name / "error" / path.name
+        durable_rename(path, target)
+        log.warning("orphan_returned", path=str(path), to=str(target))
+
+    @staticmethod
+    def _error_report_path(path: Path) -> Path:
+        return path.with_name(path.name + ERROR_SUFFIX)
+
+
+def _report(job: Job) -> ErrorReport:
+    error = job.error
+    return ErrorReport(
+        job_id=job.id, workflow_name=job.workflow_name, file_path=job.file_path,
+        status=str(job.status), error_type=error.type if error else "Unknown",
+        message=error.message if error else "", traceback=error.traceback if error else "",
+        actor=error.actor if error else None, attempts=job.attempts,
+        created_at=_iso(job.created_at), started_at=_iso(job.started_at),
+        finished_at=_iso(job.finished_at),
+    )
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if value is not None else None

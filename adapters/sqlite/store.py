@@ -1,0 +1,379 @@
+"""The embedded EventStore: one SQLite file in WAL mode, group-committed appends.
+
+Writes: appends queue up; the first appender leads, takes every queued append as
+one batch, and writes it in ONE thread hop (one transaction: an `executemany`
+for the events, one for the read-model rows, one fsync). Appends that arrive
+while a batch commits form the next batch. Reads go through aiosqlite on a
+second connection and never wait for the writer (WAL).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import aiosqlite
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from adapters.ledger import Batch, Ledger
+from adapters.memory import Notifier, decode_cursor, page_of
+from adapters.sqlite import schema
+from adapters.sqlite.lock import WriterLock
+from kernel.chain import GENESIS, ChainRow
+from kernel.events import Event, decode_event
+from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
+from kernel.state import Job, StoredEvent
+
+BATCH_APPENDS_MAX = 1024
+_job_decoder = msgspec.json.Decoder(Job)
+_job_encoder = msgspec.json.Encoder()
+_ACTIVE_SQL = "('pending', 'running')"
+_JOB_COLUMNS = (
+    "id, workflow_name, file_path, status, channel_name, priority, idempotency_key, "
+    "created_us, updated_us, created_seq, seq, version, body"
+)
+
+
+def micros(at: datetime) -> int:
+    """A datetime as integer microseconds since the epoch (sortable in SQL)."""
+    return int(at.timestamp() * 1_000_000)
+
+
+class _Append:
+    __slots__ = ("done", "error", "events", "expected_version", "job_id", "result")
+
+    def __init__(self, job_id: str, events: Sequence[Event], expected_version: int) -> None:
+        self.job_id = job_id
+        self.events = events
+        self.expected_version = expected_version
+        self.result: list[StoredEvent] = []
+        self.error: StoreError | None = None
+        self.done = anyio.Event()
+
+
+def connect_writer(path: Path) -> sqlite3.Connection:
+    """The writer's connection, with its durability pragmas set explicitly."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before append returns
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class SqliteEventStore:
+    """The EventStore on one SQLite file; see the module docstring for the write path."""
+
+    def __init__(self, path: Path, writer: sqlite3.Connection | None,
+                 reader: aiosqlite.Connection, lock: WriterLock | None) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._lock = lock
+        self._ledger = Ledger()
+        self._queue: list[_Append] = []
+        self._leading = False
+        self._drained = anyio.Event()
+        self._notifier = Notifier()
+        self._limiter = anyio.CapacityLimiter(1)
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str | Path, *, readonly: bool = False) -> SqliteEventStore:
+        """Open (creating and migrating) the log at `path`; the writer takes the file's lock."""
+        path = Path(path)
+        lock: WriterLock | None = None
+        writer: sqlite3.Connection | None = None
+        if not readonly:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = WriterLock(path)
+            lock.acquire()
+            try:
+                writer = await anyio.to_thread.run_sync(connect_writer, path)
+                await anyio.to_thread.run_sync(schema.migrate, writer)
+            except BaseException:
+                lock.release()
+                raise
+        elif not path.exists():
+            raise StoreUnavailable(f"no event log at {path}")
+        reader = await aiosqlite.connect(path)
+        await reader.execute("PRAGMA busy_timeout=5000")
+        await reader.execute("PRAGMA query_only=ON")
+        store = cls(path, writer, reader, lock)
+        if writer is not None:
+            await anyio.to_thread.run_sync(store._load_ledger)
+        return store
+
+    # -- writes ----------------------------------------------------------------------
+
+    async def append(
+        self, job_id: str, events: Sequence[Event], expected_version: int
+    ) -> list[StoredEvent]:
+        """Append atomically; shares a transaction with the appends queued beside it."""
+        (result,) = await self.append_batch([Append(job_id, events, expected_version)])
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[list[StoredEvent] | StoreError]:
+        """Several appends in the same transaction; each succeeds or fails on its own."""
+        if self._closed or self._writer is None:
+            raise StoreUnavailable(f"the store {self.path} is closed or read-only")
+        requests = [_Append(a.job_id, a.events, a.expected_version) for a in appends]
+        self._queue.extend(requests)
+        if self._leading:
+            for request in requests:
+                await request.done.wait()
+        else:
+            await self._lead()
+        return [r.error if r.error is not None else r.result for r in requests]
+
+    async def _lead(self) -> None:
+        self._leading = True
+        try:
+            # A batch once started must finish: its appenders wait on it.
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()  # let appends issued beside us join
+                while self._queue:
+                    batch = self._queue[:BATCH_APPENDS_MAX]
+                    del self._queue[:BATCH_APPENDS_MAX]
+                    await self._write_batch(batch)
+                    # The appenders just woken often append again at once: let them join.
+                    await anyio.lowlevel.checkpoint()
+        finally:
+            self._leading = False
+            self._drained.set()
+            self._drained = anyio.Event()
+
+    async def _write_batch(self, batch: list[_Append]) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
+        except Exception as exc:  # a bug or a driver failure: no appender may hang on it
+            for request in batch:
+                request.result, request.error = [], StoreUnavailable(f"append failed: {exc!r}")
+        finally:
+            for request in batch:
+                request.done.set()
+            self._notifier.notify()
+
+    def _write(self, requests: list[_Append]) -> None:
+        assert self._writer is not None
+        known = self._prefetch(requests)
+        batch = self._ledger.begin(known.get, self._load_key)
+        accepted: list[_Append] = []
+        for request in requests:
+            try:
+                rows = batch.prepare(request.job_id, request.events, request.expected_version)
+            except StoreError as exc:
+                request.error = exc
+                continue
+            request.result = [row.stored for row in rows]
+            accepted.append(request)
+        if not accepted:
+            return
+        try:
+            self._commit(batch)
+        except sqlite3.Error as exc:
+            error = _translate(exc, self.path)
+            if isinstance(exc, sqlite3.IntegrityError):
+                self._load_ledger()  # the file disagrees with our view: trust the file
+            for request in accepted:
+                request.result, request.error = [], error
+            return
+        self._ledger.commit(batch)
+
+    def _commit(self, batch: Batch) -> None:
+        assert self._writer is not None
+        conn = self._writer
+        events = [
+            (row.stored.seq, row.stored.job_id, row.stored.version, row.type_tag,
+             row.stored.event.at.isoformat(), row.payload.decode(), row.stored.hash)
+            for row in batch.rows
+        ]
+        jobs = [_job_row(job) for job in batch.jobs.values()]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO events (seq, job_id, version, type, at, payload, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", events)
+            conn.executemany(
+                f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", jobs)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _load_ledger(self) -> None:
+        assert self._writer is not None
+        row = self._writer.execute(
+            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        self._ledger = Ledger(row[0], row[1]) if row else Ledger(0, GENESIS)
+        active = self._writer.execute(
+            f"SELECT body FROM jobs WHERE status IN {_ACTIVE_SQL}").fetchall()
+        self._ledger.load_active([_job_decoder.decode(body) for (body,) in active])
+
+    def _prefetch(self, requests: list[_Append]) -> dict[str, Job]:
+        # One query for every job of the batch the ledger does not hold (not active).
+        assert self._writer is not None
+        wanted = list({r.job_id for r in requests if r.job_id not in self._ledger.active})
+        known: dict[str, Job] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._writer.execute(f"SELECT body FROM jobs WHERE id IN ({marks})", chunk)
+            for (body,) in rows:
+                job = _job_decoder.decode(body)
+                known[job.id] = job
+        return known
+
+    def _load_key(self, workflow_name: str, key: str) -> str | None:
+        assert self._writer is not None
+        row = self._writer.execute(
+            "SELECT id FROM jobs WHERE workflow_name = ? AND idempotency_key = ?",
+            (workflow_name, key)).fetchone()
+        return row[0] if row else None
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def read_job(self, job_id: str) -> list[StoredEvent]:
+        """Every event of one job, in version order."""
+        return await self._events(
+            "SELECT seq, job_id, version, payload, hash FROM events "
+            "WHERE job_id = ? ORDER BY version", (job_id,))
+
+    async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Up to `limit` events with seq > `after`, in seq order."""
+        return await self._events(
+            "SELECT seq, job_id, version, payload, hash FROM events "
+            "WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+
+    async def read_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
+        """Raw rows for the hash chain: the payload bytes exactly as stored."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT seq, job_id, version, type, payload, hash FROM events "
+            "WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+        return [ChainRow(r[0], r[1], r[2], r[3], r[4].encode(), r[5]) for r in rows]
+
+    async def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """Every event after `after`, then each new one as it is committed."""
+        while True:
+            batch = await self.read_all(after, 1000)
+            for stored in batch:
+                yield stored
+                after = stored.seq
+            if not batch:
+                # Woken at once by our own commits; polls for any other writer.
+                await self._notifier.wait(1.0)
+
+    async def last_seq(self) -> int:
+        """The newest committed seq (0 when empty)."""
+        if self._writer is not None:
+            return self._ledger.last_seq
+        rows = await self._reader.execute_fetchall("SELECT max(seq) FROM events")
+        return int(rows[0][0] or 0)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The read-model row of one job."""
+        return await self._one_job("SELECT body FROM jobs WHERE id = ?", (job_id,))
+
+    async def find_active(self, workflow_name: str, file_path: str) -> Job | None:
+        """The active job that owns a file."""
+        return await self._one_job(
+            f"SELECT body FROM jobs WHERE workflow_name = ? AND file_path = ? "
+            f"AND status IN {_ACTIVE_SQL}", (workflow_name, file_path))
+
+    async def find_by_key(self, workflow_name: str, idempotency_key: str) -> Job | None:
+        """The job created with this idempotency key."""
+        return await self._one_job(
+            "SELECT body FROM jobs WHERE workflow_name = ? AND idempotency_key = ?",
+            (workflow_name, idempotency_key))
+
+    async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
+        """Pending and running jobs, oldest first."""
+        sql = f"SELECT body FROM jobs WHERE status IN {_ACTIVE_SQL}"
+        params: tuple[object, ...] = ()
+        if workflow_name is not None:
+            sql, params = sql + " AND workflow_name = ?", (workflow_name,)
+        rows = await self._reader.execute_fetchall(sql + " ORDER BY created_seq", params)
+        return [_job_decoder.decode(body) for (body,) in rows]
+
+    async def list_jobs(self, query: JobQuery) -> JobPage:
+        """A page of jobs, newest first, after the cursor."""
+        where, params = _where(query)
+        rows = await self._reader.execute_fetchall(
+            f"SELECT body FROM jobs {where} ORDER BY created_seq DESC LIMIT ?",
+            (*params, query.limit + 1))
+        return page_of([_job_decoder.decode(body) for (body,) in rows], query.limit)
+
+    async def count_jobs(self) -> dict[tuple[str, str], int]:
+        """Jobs per (workflow, status)."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT workflow_name, status, count(*) FROM jobs GROUP BY workflow_name, status")
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    async def close(self) -> None:
+        """Finish queued appends, then release the file and its lock."""
+        if self._closed:
+            return
+        self._closed = True  # refuse new appends; the leader drains what is queued
+        if self._leading:
+            await self._drained.wait()
+        await self._reader.close()
+        if self._writer is not None:
+            writer = self._writer
+            await anyio.to_thread.run_sync(writer.close)
+        if self._lock is not None:
+            self._lock.release()
+
+    async def _events(self, sql: str, params: tuple[object, ...]) -> list[StoredEvent]:
+        rows = await self._reader.execute_fetchall(sql, params)
+        return [
+            StoredEvent(seq=r[0], job_id=r[1], version=r[2], event=decode_event(r[3]), hash=r[4])
+            for r in rows
+        ]
+
+    async def _one_job(self, sql: str, params: tuple[object, ...]) -> Job | None:
+        rows = list(await self._reader.execute_fetchall(sql, params))
+        return _job_decoder.decode(rows[0][0]) if rows else None
+
+
+def _job_row(job: Job) -> tuple[object, ...]:
+    return (
+        job.id, job.workflow_name, job.file_path, str(job.status), job.channel_name,
+        job.priority, job.idempotency_key, micros(job.created_at), micros(job.updated_at),
+        job.created_seq, job.seq, job.version, _job_encoder.encode(job).decode(),
+    )
+
+
+def _where(query: JobQuery) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    before = decode_cursor(query.cursor)
+    for clause, value in (
+        ("created_seq < ?", before),
+        ("workflow_name = ?", query.workflow_name),
+        ("status = ?", None if query.status is None else str(query.status)),
+        ("channel_name = ?", query.channel_name),
+        ("created_us >= ?", None if query.created_after is None else micros(query.created_after)),
+        ("created_us < ?", None if query.created_before is None else micros(query.created_before)),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "full" in str(exc).lower():
+        return StoreFull(f"the disk under {path} is full; the append was rolled back: {exc}")
+    if isinstance(exc, sqlite3.IntegrityError):
+        return StoreError(f"the log refused the append: {exc}")
+    return StoreUnavailable(f"the store {path} failed: {exc}")
+

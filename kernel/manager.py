@@ -1,0 +1,569 @@
+"""The JobManager: drives commands through the ports, one central queue for every workflow.
+
+A job's way through the manager: `submit` appends JobCreated (answered once it is
+durable) -> intake checks -> the queue -> a claim (JobStarted appended at the
+version the manager saw: the claim) -> the file moves to processing/ -> the
+processor runs -> JobCompleted or JobFailed -> the file moves to archive/ or
+error/. When an attempt ends, the next claim rides in the same append batch as
+its terminal event, so at concurrency 1 each job costs one durable commit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from kernel.attempt import Attempt, Outcome, run_attempt
+from kernel.config import WorkflowConfig, retry_at
+from kernel.decide import (
+    AnyCommand,
+    CancelJob,
+    CreateJob,
+    FailJob,
+    RefuseAtIntake,
+    Rejected,
+    ReportProgress,
+    RetryJob,
+    StartJob,
+    decide,
+)
+from kernel.events import Event
+from kernel.layout import check_workflow_name
+from kernel.ports import (
+    Append,
+    Clock,
+    ConcurrencyConflict,
+    DuplicateJob,
+    Entropy,
+    EventStore,
+    Executor,
+    Files,
+    ScannerUnavailable,
+    StoreError,
+)
+from kernel.queue import JobQueue
+from kernel.state import Job, Status, StoredEvent, apply
+from kernel.task import BaseProcessor
+
+SCANNER_RETRY_S = 5.0
+STORE_RETRY_MAX_S = 5.0
+CONFLICT_RETRIES_MAX = 5
+
+
+class Workflow(msgspec.Struct, frozen=True, kw_only=True):
+    """A registered workflow: its processor, its settings and (for the shell) its watcher."""
+
+    name: str
+    processor: BaseProcessor
+    config: WorkflowConfig
+    watcher: Any = None
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    """What `submit` returns: the job, and whether this call created it."""
+
+    job: Job
+    created: bool
+
+
+class JobManager:
+    """The central job queue and the loop that runs it (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        files: Files,
+        executor: Executor,
+        *,
+        clock: Clock,
+        entropy: Entropy,
+        concurrency: int = 1,
+        aging_interval_s: float | None = 60.0,
+        worker_name: str = "",
+        intake_concurrency: int = 4,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.store, self.files, self.executor = store, files, executor
+        self.clock, self.entropy = clock, entropy
+        self.concurrency = concurrency
+        self.worker_name = worker_name
+        self.intake_concurrency = intake_concurrency
+        self.workflows: dict[str, Workflow] = {}
+        self.queue = JobQueue(aging_interval_s)
+        self._jobs: dict[str, Job] = {}  # active jobs this manager knows
+        self._running: dict[str, Attempt] = {}
+        self._running_by_workflow: dict[str, int] = {}
+        self._intake: deque[str] = deque()
+        self._intake_ready = anyio.Event()
+        self._wakeup = anyio.Event()
+        self._waiters: dict[str, anyio.Event] = {}
+        self._blocked_until: dict[str, float] = {}
+        self._claiming = True
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._idle = anyio.Event()
+
+    # -- public API ------------------------------------------------------------------
+
+    async def register_workflow(
+        self,
+        name: str,
+        processor: BaseProcessor,
+        *,
+        config: WorkflowConfig | None = None,
+        watcher: Any = None,
+    ) -> Workflow:
+        """Register a workflow; its jobs left running by a dead process are recovered now."""
+        workflow = self.add_workflow(name, processor, config=config, watcher=watcher)
+        await self.recover(workflow)
+        return workflow
+
+    def add_workflow(
+        self,
+        name: str,
+        processor: BaseProcessor,
+        *,
+        config: WorkflowConfig | None = None,
+        watcher: Any = None,
+    ) -> Workflow:
+        """Validate and record a workflow; `recover` must follow before its jobs run."""
+        problem = check_workflow_name(name)
+        if problem:
+            raise ValueError(f"invalid workflow name {name!r}: {problem}")
+        if name in self.workflows:
+            raise ValueError(f"workflow {name!r} is already registered")
+        if not isinstance(processor, BaseProcessor):
+            raise TypeError(f"the processor of {name!r} must inherit BaseProcessor")
+        workflow = Workflow(name=name, processor=processor,
+                            config=config or WorkflowConfig(), watcher=watcher)
+        self.workflows[name] = workflow
+        return workflow
+
+    async def submit(
+        self,
+        workflow_name: str,
+        file_path: str,
+        *,
+        priority: int = 0,
+        channel_name: str | None = None,
+        params: dict[str, Any] | None = None,
+        completeness: str = "submitted",
+        idempotency_key: str | None = None,
+    ) -> Submitted:
+        """Create a job (durable when this returns), or return the file's active job."""
+        workflow = self._workflow(workflow_name)
+        try:
+            task = workflow.processor.parse_task(params or {})
+        except msgspec.ValidationError as exc:
+            raise Rejected("invalid", f"invalid params: {exc}") from None
+        command = CreateJob(
+            job_id=self.entropy.new_id(), at=self.clock.now(), workflow_name=workflow_name,
+            file_path=file_path, channel_name=channel_name, priority=priority,
+            params=msgspec.to_builtins(task), completeness=completeness,
+            idempotency_key=idempotency_key,
+        )
+        events = decide(None, command)
+        try:
+            stored = await self.store.append(command.job_id, events, 0)
+        except DuplicateJob as dup:
+            existing = await self.store.get_job(dup.existing_job_id)
+            if existing is None:
+                raise
+            return Submitted(existing, False)
+        job = self._apply(None, stored)
+        self._admit(job)
+        return Submitted(job, True)
+
+    async def cancel(self, job_id: str, *, actor: str, reason: str = "") -> Job:
+        """Cancel a pending or running job; a running processor is stopped."""
+        job = await self._decide_and_append(job_id, lambda job: CancelJob(
+            job_id=job_id, at=self.clock.now(), actor=actor, reason=reason))
+        self.queue.discard(job_id)
+        attempt = self._running.get(job_id)
+        if attempt is not None:
+            attempt.stop("cancel")  # its runner settles the file once the processor stops
+        else:
+            await self.files.settle(job)
+        return job
+
+    async def retry(self, job_id: str, *, actor: str, reason: str = "") -> Job:
+        """Send a finally failed or cancelled job back to the queue (one more attempt)."""
+        job = await self._decide_and_append(job_id, lambda job: RetryJob(
+            job_id=job_id, at=self.clock.now(), actor=actor, reason=reason))
+        self._admit(job)
+        return job
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The job as this manager or the store knows it."""
+        return self._jobs.get(job_id) or await self.store.get_job(job_id)
+
+    async def wait(self, job_id: str, timeout_s: float | None = None) -> Job:
+        """Wait until a job is completed, failed or cancelled; TimeoutError after `timeout_s`."""
+        with anyio.fail_after(timeout_s):
+            while True:
+                event = self._waiters.setdefault(job_id, anyio.Event())
+                job = await self.get_job(job_id)
+                if job is None:
+                    raise Rejected("not_found", f"job {job_id} does not exist")
+                if not job.is_active:
+                    return job
+                with anyio.move_on_after(1.0):  # also sees jobs finished by other nodes
+                    await event.wait()
+
+    def running_jobs(self) -> list[Job]:
+        """The jobs whose processors run now."""
+        return [attempt.job for attempt in self._running.values()]
+
+    @property
+    def claiming(self) -> bool:
+        """False once shutdown began: no new job starts."""
+        return self._claiming
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run the scheduler, intake and progress tasks until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            for _ in range(self.intake_concurrency):
+                tg.start_soon(self._intake_worker)
+            tg.start_soon(self._flush_progress)
+            tg.start_soon(self._schedule)
+            task_status.started()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop claiming; let running jobs finish for `grace_s`, then record them interrupted."""
+        self._claiming = False
+        self._wake()
+        with anyio.move_on_after(grace_s):
+            while self._running:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        for attempt in list(self._running.values()):
+            attempt.stop("shutdown")
+        with anyio.move_on_after(10.0):
+            while self._running:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+
+    async def _schedule(self) -> None:
+        while True:
+            claims = self._pick_claims()
+            if claims:
+                await self._commit([], claims)
+                continue
+            self._wakeup = anyio.Event()
+            with anyio.move_on_after(self._idle_wait_s()):
+                await self._wakeup.wait()
+
+    def _idle_wait_s(self) -> float:
+        due = self.queue.next_due()
+        wait_s = 1.0
+        if due is not None:
+            wait_s = min(wait_s, max(0.0, (due - self.clock.now()).total_seconds()))
+        if self._blocked_until:
+            wait_s = min(wait_s, max(0.0, min(self._blocked_until.values()) - anyio.current_time()))
+        return wait_s
+
+    def _pick_claims(self) -> list[Job]:
+        claims: list[Job] = []
+        now = self.clock.now()
+        while self._claiming and len(self._running) < self.concurrency:
+            job = self.queue.pick(now, self._can_start)
+            if job is None:
+                break
+            self._reserve(job)
+            claims.append(job)
+        return claims
+
+    def _can_start(self, job: Job) -> bool:
+        workflow = self.workflows.get(job.workflow_name)
+        if workflow is None or not workflow.config.enabled:
+            return False
+        blocked_until = self._blocked_until.get(job.workflow_name)
+        if blocked_until is not None:
+            if blocked_until > anyio.current_time():
+                return False
+            del self._blocked_until[job.workflow_name]
+        limit = workflow.config.concurrency
+        return limit is None or self._running_by_workflow.get(job.workflow_name, 0) < limit
+
+    def _reserve(self, job: Job) -> None:
+        self._running[job.id] = Attempt(job)
+        self._running_by_workflow[job.workflow_name] = (
+            self._running_by_workflow.get(job.workflow_name, 0) + 1)
+
+    def _release(self, job: Job) -> None:
+        if self._running.pop(job.id, None) is not None:
+            self._running_by_workflow[job.workflow_name] -= 1
+        if not self._running:
+            self._idle.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    # -- commits: a finished attempt's events and the next claims, in one batch ------
+
+    async def _commit(self, first: list[tuple[Job, list[Event]]], claims: list[Job]
+                      ) -> list[list[StoredEvent] | StoreError]:
+        """Append `first` and the claims of `claims` together; start each claimed job."""
+        at = self.clock.now()
+        appends = [Append(job.id, events, job.version) for job, events in first]
+        appends += [Append(job.id, decide(job, StartJob(job_id=job.id, at=at,
+                                                        worker=self.worker_name)), job.version)
+                    for job in claims]
+        try:
+            results = await self.store.append_batch(appends)
+        except StoreError as exc:
+            results = [exc] * len(appends)
+        for job, result in zip(claims, results[len(first):], strict=True):
+            self._claimed(job, result)
+        return results[: len(first)]
+
+    def _claimed(self, job: Job, result: list[StoredEvent] | StoreError) -> None:
+        if isinstance(result, StoreError):
+            self._release(job)
+            if isinstance(result, ConcurrencyConflict):
+                self._tg_start(self._refresh_pending, job.id)
+            else:
+                self.queue.push(job)
+                self._block(job.workflow_name, 1.0)  # the store is failing: breathe
+            return
+        running = self._apply(job, result)
+        self._running[job.id].job = running
+        self._tg_start(self._run_claimed, running)
+
+    async def _run_claimed(self, job: Job) -> None:
+        attempt = self._running[job.id]
+        workflow = self.workflows[job.workflow_name]
+        outcome = await run_attempt(attempt, workflow.processor, workflow.config,
+                                    self.files, self.executor)
+        await self._finish(attempt, workflow.config, outcome)
+
+    async def _finish(self, attempt: Attempt, config: WorkflowConfig, outcome: Outcome) -> None:
+        """Record an attempt's outcome durably, hand its slot on, then move its file."""
+        attempt.finishing = True
+        job = attempt.job
+        if outcome.cancelled:
+            self._release(job)
+            await self._settle(await self.get_job(job.id))
+            return
+        self._release(job)
+        for _ in range(CONFLICT_RETRIES_MAX):
+            events = self._outcome_events(attempt, config, outcome)
+            (result,) = await self._commit([(job, events)], self._pick_claims())
+            if not isinstance(result, StoreError):
+                await self._settle(self._apply(job, result))
+                return
+            await self._recover_from_failed_append(result)
+            fresh = await self.store.get_job(job.id)
+            if fresh is None or fresh.status is not Status.RUNNING or \
+                    fresh.attempts != job.attempts:
+                await self._settle(fresh)  # cancelled meanwhile: its result is fenced off
+                return
+            job = attempt.job = fresh
+
+    def _outcome_events(self, attempt: Attempt, config: WorkflowConfig, outcome: Outcome
+                        ) -> list[Event]:
+        job, at = attempt.job, self.clock.now()
+        events: list[Event] = []
+        if attempt.latest is not None and attempt.latest != attempt.sent:
+            fraction, message = attempt.latest
+            events += decide(job, ReportProgress(job_id=job.id, at=at, attempt=job.attempts,
+                                                 fraction=fraction, message=message))
+        command: AnyCommand
+        if outcome.error_type is None:
+            command = outcome.completion(job, at)
+        else:
+            when = None if not outcome.retryable else retry_at(
+                config, job.attempts, outcome.error_type, at, self.entropy.random())
+            command = FailJob(job_id=job.id, at=at, attempt=job.attempts,
+                              error_type=outcome.error_type, message=outcome.message,
+                              traceback=outcome.traceback, retry_at=when)
+        return events + decide(job, command)
+
+    async def _recover_from_failed_append(self, error: StoreError) -> None:
+        if not isinstance(error, ConcurrencyConflict):
+            # The store is down or full: wait and try again (bounded by shutdown).
+            await anyio.sleep(STORE_RETRY_MAX_S if not self._claiming else 0.5)
+
+    async def _settle(self, job: Job | None) -> None:
+        if job is None:
+            return
+        if job.is_active:
+            self._admit(job)  # failed with a retry: back to the queue at its retry_at
+        else:
+            await self.files.settle(job)
+
+    # -- intake and recovery -----------------------------------------------------------
+
+    def _admit(self, job: Job) -> None:
+        """A pending job enters the intake (first attempt) or the queue (a retry)."""
+        if job.status is not Status.PENDING:
+            return
+        if job.attempts == 0:
+            self._intake.append(job.id)
+            self._intake_ready.set()
+        else:
+            self.queue.push(job)
+            self._wake()
+
+    async def _intake_worker(self) -> None:
+        while True:
+            if not self._intake:
+                self._intake_ready = anyio.Event()
+                await self._intake_ready.wait()
+                continue
+            job = self._jobs.get(self._intake.popleft())
+            if job is None or job.status is not Status.PENDING:
+                continue  # cancelled, or claimed elsewhere, while it waited
+            await self._check_intake(job)
+
+    async def _check_intake(self, job: Job) -> None:
+        workflow = self.workflows.get(job.workflow_name)
+        if workflow is None:
+            return  # its pending jobs enter the queue when the workflow registers
+        try:
+            refusal = await self.files.intake(job, workflow.config, workflow.processor)
+        except ScannerUnavailable:
+            self._tg_start(self._readmit_later, job.id, SCANNER_RETRY_S)
+            return
+        current = self._jobs.get(job.id)
+        if current is None or current.status is not Status.PENDING:
+            return
+        if refusal is None:
+            self.queue.push(current)
+            self._wake()
+            return
+        refused = await self._decide_and_append(job.id, lambda j: RefuseAtIntake(
+            job_id=j.id, at=self.clock.now(), error_type=refusal.error_type,
+            message=refusal.message))
+        await self.files.settle(refused)
+
+    async def _readmit_later(self, job_id: str, delay_s: float) -> None:
+        await anyio.sleep(delay_s)
+        job = self._jobs.get(job_id)
+        if job is not None:
+            self._admit(job)
+
+    async def recover(self, workflow: Workflow) -> None:
+        """Fail the workflow's jobs left running as Interrupted, reconcile files, queue."""
+        active = await self.store.active_jobs(workflow.name)
+        for job in active:
+            if job.status is Status.RUNNING and job.id not in self._running:
+                at = self.clock.now()
+                when = retry_at(workflow.config, job.attempts, "Interrupted", at,
+                                self.entropy.random())
+                await self._decide_and_append(job.id, lambda j, when=when, at=at: FailJob(
+                    job_id=j.id, at=at, attempt=j.attempts, error_type="Interrupted",
+                    message="the process running this job stopped before it finished",
+                    retry_at=when))
+        active = await self.store.active_jobs(workflow.name)
+        await self.files.reconcile(workflow.name, active, self.store.get_job)
+        for job in await self.store.active_jobs(workflow.name):
+            self._jobs[job.id] = job
+            self._admit(job)
+        for job in await self._terminal_unsettled(active):
+            await self.files.settle(job)
+
+    async def _terminal_unsettled(self, jobs: Sequence[Job]) -> list[Job]:
+        # Jobs that went terminal during recovery (attempts exhausted) need their move.
+        found = [await self.store.get_job(job.id) for job in jobs]
+        return [job for job in found if job is not None and not job.is_active]
+
+    async def _refresh_pending(self, job_id: str) -> None:
+        """A claim lost its race: follow whatever the log now says of the job."""
+        job = await self.store.get_job(job_id)
+        if job is None or job.id in self._running:
+            return
+        if job.status is Status.PENDING:
+            self._jobs[job.id] = job
+            if job.id not in self.queue:
+                self._admit(job)
+        elif not job.is_active:
+            self._jobs.pop(job.id, None)
+            await self.files.settle(job)  # e.g. cancelled while we were claiming it
+
+    # -- progress ----------------------------------------------------------------------
+
+    async def _flush_progress(self) -> None:
+        """Append the latest progress of running jobs, at most once per interval each."""
+        while True:
+            await anyio.sleep(0.1)
+            now_s = anyio.current_time()
+            due = [a for a in self._running.values() if a.progress_due(now_s, self._interval(a))]
+            if not due:
+                continue
+            at = self.clock.now()
+            appends = []
+            for attempt in due:
+                fraction, message = attempt.take_progress(now_s)
+                appends.append(Append(attempt.job.id, decide(attempt.job, ReportProgress(
+                    job_id=attempt.job.id, at=at, attempt=attempt.job.attempts,
+                    fraction=fraction, message=message)), attempt.job.version))
+            results = await self.store.append_batch(appends)
+            for attempt, result in zip(due, results, strict=True):
+                if not isinstance(result, StoreError) and not attempt.finishing:
+                    attempt.job = self._apply(attempt.job, result)
+
+    def _interval(self, attempt: Attempt) -> float:
+        workflow = self.workflows.get(attempt.job.workflow_name)
+        return workflow.config.progress_interval_s if workflow else 0.5
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _workflow(self, name: str) -> Workflow:
+        workflow = self.workflows.get(name)
+        if workflow is None:
+            raise Rejected("not_found", f"no workflow named {name!r} is registered")
+        return workflow
+
+    def _block(self, workflow_name: str, seconds: float) -> None:
+        self._blocked_until[workflow_name] = anyio.current_time() + seconds
+
+    def _tg_start(self, func: Any, *args: Any) -> None:
+        if self._tg is None:
+            raise RuntimeError("the JobManager is not running: call run() first")
+        self._tg.start_soon(func, *args)
+
+    async def _decide_and_append(self, job_id: str, make: Any) -> Job:
+        """Decide a command against the freshest state and append it; retry on conflicts."""
+        for _ in range(CONFLICT_RETRIES_MAX):
+            job = self._jobs.get(job_id) or await self.store.get_job(job_id)
+            if job is None:
+                raise Rejected("not_found", f"job {job_id} does not exist")
+            events = decide(job, make(job))
+            try:
+                stored = await self.store.append(job_id, events, job.version)
+            except ConcurrencyConflict:
+                fresh = await self.store.get_job(job_id)
+                if fresh is not None and fresh.is_active:
+                    self._jobs[job_id] = fresh
+                continue
+            new = self._apply(job, stored)
+            if job_id in self._running:
+                self._running[job_id].job = new
+            return new
+        raise Rejected("conflict", f"job {job_id} kept changing; try again")
+
+    def _apply(self, job: Job | None, stored: Sequence[StoredEvent]) -> Job:
+        """Fold our own appended events into the manager's view of the job."""
+        for event in stored:
+            job = apply(job, event)
+        assert job is not None
+        if job.is_active:
+            self._jobs[job.id] = job
+        else:
+            self._jobs.pop(job.id, None)
+            waiter = self._waiters.pop(job.id, None)
+            if waiter is not None:
+                waiter.set()
+        return job
+
