@@ -1,23 +1,26 @@
 """The log's tamper-evident hash chain: `hash = sha256(prev_hash + canonical bytes)`.
 
-The canonical bytes are, in this order and separated by a newline (0x0A):
-the decimal seq, the job id, the decimal version, the event type tag, and then
-the stored JSON payload exactly as stored. Every store computes the same chain,
+The canonical bytes are a JSON array header `[seq,"job_id",version,"type"]`
+(compact, as msgspec encodes it), a newline (0x0A), then the stored JSON payload
+exactly as stored. The JSON header keeps the fields unambiguous whatever
+characters they hold. Every store computes the same chain,
 so a copy of the log into another store verifies with the same hashes.
 """
 
 from __future__ import annotations
 
 import hashlib
+
+import msgspec
 from collections.abc import Iterable
 
 GENESIS = "0" * 64
+_header = msgspec.json.Encoder()
 
 
 def canonical_bytes(seq: int, job_id: str, version: int, type_tag: str, payload: bytes) -> bytes:
     """The bytes a stored event is hashed over (documented order, see module docstring)."""
-    head = f"{seq}\n{job_id}\n{version}\n{type_tag}\n".encode()
-    return head + payload
+    return _header.encode((seq, job_id, version, type_tag)) + b"\n" + payload
 
 
 def link(prev_hash: str, seq: int, job_id: str, version: int, type_tag: str, payload: bytes) -> str:

@@ -18,6 +18,9 @@ DEFAULT_NON_RETRYABLE = (
 )
 
 
+MAX_ATTEMPTS_LIMIT = 1000
+
+
 class WorkflowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Every per-workflow setting; set in a workflow's config.py, overridable in multiflow.toml."""
 
@@ -46,8 +49,8 @@ class WorkflowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("concurrency must be at least 1")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise ValueError(f"max_attempts must be within 1..{MAX_ATTEMPTS_LIMIT}")
         if self.backoff_base_s < 0 or self.backoff_max_s < 0:
             raise ValueError("backoff must not be negative")
         if not 0 <= self.backoff_jitter <= 1:
@@ -70,6 +73,7 @@ def retry_at(
     """
     if error_type in config.non_retryable or attempt >= config.max_attempts:
         return None
-    delay_s = min(config.backoff_max_s, config.backoff_base_s * 2 ** max(0, attempt - 1))
+    doublings = min(max(0, attempt - 1), 64)  # past 2**64 the cap has long applied
+    delay_s = min(config.backoff_max_s, config.backoff_base_s * 2.0**doublings)
     spread = 1.0 + config.backoff_jitter * (2.0 * jitter_sample - 1.0)
     return at + timedelta(seconds=max(0.0, delay_s * spread))

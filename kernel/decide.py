@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -114,7 +115,8 @@ def decide(job: Job | None, command: AnyCommand) -> list[Event]:
             return _start(job, command)
         case ReportProgress():
             _require_attempt(job, command.attempt)
-            fraction = min(1.0, max(0.0, command.fraction))
+            fraction = 0.0 if math.isnan(command.fraction) else command.fraction
+            fraction = min(1.0, max(0.0, fraction))
             return [JobProgress(job_id=job.id, at=command.at, fraction=fraction,
                                 message=command.message)]
         case CompleteJob():

@@ -4,7 +4,8 @@ Order: the highest effective priority first; FIFO by log order (the seq of
 `JobCreated`) within one priority. A job waiting for its `retry_at` is not
 ready. Aging: a ready job's effective priority is its priority plus one per
 full `aging_interval_s` it has waited, so a flood of high-priority jobs cannot
-starve a low one for ever.
+starve a low one for ever: it climbs to PRIORITY_MAX within
+(PRIORITY_MAX - priority) intervals, and then its log order wins.
 
 Pending jobs sit in one FIFO heap per (workflow, priority): a pick looks only
 at the heads of those heaps (a handful in practice), so it costs O(buckets +
@@ -18,6 +19,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
+from kernel.events import PRIORITY_MAX
 from kernel.state import Job, Status
 
 Bucket = tuple[str, int]  # (workflow_name, priority)
@@ -35,6 +37,8 @@ class JobQueue:
     """Pending jobs, ordered by effective priority then log order."""
 
     def __init__(self, aging_interval_s: float | None = 60.0) -> None:
+        if aging_interval_s is not None and not aging_interval_s > 0:
+            raise ValueError("aging_interval_s must be positive, or None to turn aging off")
         self.aging_interval_s = aging_interval_s
         self._entries: dict[str, _Entry] = {}
         self._ready: dict[Bucket, list[tuple[int, int, str]]] = {}
@@ -93,12 +97,16 @@ class JobQueue:
         return job
 
     def effective_priority(self, job: Job, now: datetime) -> int:
-        """The job's priority plus one per full aging interval it has been ready."""
-        if not self.aging_interval_s:
+        """The job's priority plus one per full aging interval since it was created.
+
+        Aging counts from creation (not from the last retry), so within one FIFO heap the
+        head is always the most aged job, and capped at PRIORITY_MAX: a starved job
+        reaches the top priority and then wins by log order.
+        """
+        if not self.aging_interval_s or job.priority >= PRIORITY_MAX:
             return job.priority
-        ready_since = job.retry_at or job.updated_at
-        waited_s = max(0.0, (now - ready_since).total_seconds())
-        return job.priority + int(waited_s // self.aging_interval_s)
+        waited_s = max(0.0, (now - job.created_at).total_seconds())
+        return min(PRIORITY_MAX, job.priority + int(waited_s // self.aging_interval_s))
 
     def next_due(self) -> datetime | None:
         """The earliest `retry_at` among jobs that are not ready yet."""

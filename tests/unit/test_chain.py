@@ -52,17 +52,23 @@ def relinked(rows: list[ChainRow]) -> list[ChainRow]:
 
 
 def test_canonical_bytes_are_seq_job_version_type_then_payload() -> None:
-    """The hashed bytes are exactly "seq\\njob_id\\nversion\\ntype\\n" followed by the payload."""
+    """The hashed bytes are the JSON header [seq,"job_id",version,"type"], newline, payload."""
     payload = b'{"type":"job.started","job_id":"j1"}'
     assert canonical_bytes(42, "j1", 3, "job.started", payload) == (
-        b"42\nj1\n3\njob.started\n" + payload
+        b'[42,"j1",3,"job.started"]\n' + payload
     )
+
+
+def test_canonical_bytes_are_unambiguous_whatever_the_fields_hold() -> None:
+    """Fields holding newlines cannot be shifted into one another to forge the same bytes."""
+    assert canonical_bytes(1, "a\n2", 3, "t", b"") != canonical_bytes(1, "a", 2, "3\nt", b"")
 
 
 def test_link_is_sha256_of_the_previous_hash_then_the_canonical_bytes() -> None:
     """Each hash is sha256 over the previous hex hash (ascii) and the canonical bytes."""
     payload = b'{"x":1}'
-    expected = hashlib.sha256(GENESIS.encode("ascii") + b"1\nj1\n1\njob.created\n" + payload)
+    header = b'[1,"j1",1,"job.created"]\n'
+    expected = hashlib.sha256(GENESIS.encode("ascii") + header + payload)
     assert link(GENESIS, 1, "j1", 1, "job.created", payload) == expected.hexdigest()
     assert GENESIS == "0" * 64
 

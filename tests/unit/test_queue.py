@@ -25,7 +25,7 @@ def make_job(
     retry_at: datetime | None = None,
     status: Status = Status.PENDING,
 ) -> Job:
-    """A queued job; `ready_at` is its last update (creation or operator retry)."""
+    """A queued job created (and last updated) at `ready_at`."""
     return Job(
         id=job_id,
         workflow_name=workflow,
@@ -33,7 +33,7 @@ def make_job(
         current_path=f"{workflow}/input/{job_id}",
         priority=priority,
         status=status,
-        created_at=T0,
+        created_at=ready_at,
         updated_at=ready_at,
         retry_at=retry_at,
         created_seq=created_seq,
@@ -140,11 +140,30 @@ def test_effective_priority_adds_one_per_full_aging_interval(
     )
 
 
-def test_aging_of_a_retried_job_counts_from_its_retry_at() -> None:
-    """A job that waited for a retry ages from the moment it became ready, not from creation."""
+def test_aging_of_a_retried_job_counts_from_its_creation() -> None:
+    """A job that waited for a retry keeps the age it gathered since it was created."""
     queue = JobQueue(aging_interval_s=60.0)
     job = make_job("j", created_seq=1, ready_at=T0, retry_at=T0 + 10 * MINUTE)
-    assert queue.effective_priority(job, T0 + 12 * MINUTE) == 2
+    assert queue.effective_priority(job, T0 + 12 * MINUTE) == 12
+
+
+def test_aging_stops_at_the_top_priority() -> None:
+    """Aging never lifts a job above PRIORITY_MAX, where log order decides among equals."""
+    queue = JobQueue(aging_interval_s=60.0)
+    assert (
+        queue.effective_priority(make_job("j", priority=95, created_seq=1), T0 + 60 * MINUTE) == 100
+    )
+    assert (
+        queue.effective_priority(make_job("k", priority=100, created_seq=2), T0 + 60 * MINUTE)
+        == 100
+    )
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0])
+def test_an_aging_interval_that_is_not_positive_is_refused(interval: float) -> None:
+    """Zero or a negative interval is a configuration error, not a silent switch-off."""
+    with pytest.raises(ValueError, match="aging_interval_s must be positive"):
+        JobQueue(aging_interval_s=interval)
 
 
 def test_a_long_waiting_low_priority_job_overtakes_newer_high_priority_ones() -> None:
@@ -175,8 +194,8 @@ def test_aging_disabled_keeps_strict_priority() -> None:
 
 def test_pick_honours_effective_priority_across_workflows_when_a_retry_heads_a_bucket() -> None:
     """The highest effective priority runs first even when a fresh retry heads its bucket."""
-    # pick() compares only the head (lowest created_seq) of each (workflow, priority) bucket,
-    # but aging counts from retry_at/updated_at, so a later job in a bucket can outrank its head.
+    # pick() compares only the head (lowest created_seq) of each (workflow, priority) bucket;
+    # aging counts from creation, so the head is always the most aged job of its bucket.
     now = T0 + 10 * MINUTE
     # Older by log order, but ready only now after a failed attempt.
     retried = make_job("retried", priority=0, created_seq=1, workflow="a", retry_at=now)
@@ -184,8 +203,8 @@ def test_pick_honours_effective_priority_across_workflows_when_a_retry_heads_a_b
     urgent = make_job("urgent", priority=5, created_seq=3, workflow="b", ready_at=now)
     queue = queue_of(retried, patient, urgent, aging_interval_s=60.0)
     effective = {j.id: queue.effective_priority(j, now) for j in (retried, patient, urgent)}
-    assert effective == {"retried": 0, "patient": 10, "urgent": 5}
-    assert drain(queue, now)[0] == "patient"
+    assert effective == {"retried": 10, "patient": 10, "urgent": 5}
+    assert drain(queue, now) == ["retried", "patient", "urgent"]
 
 
 def test_can_run_skips_a_workflow_at_capacity_and_picks_from_the_next() -> None:
