@@ -9,7 +9,8 @@ import anyio
 import msgspec
 
 from adapters.ledger import Ledger
-from kernel.events import Event
+from kernel.chain import ChainRow
+from kernel.events import Event, encode_event, event_tag
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreUnavailable
 from kernel.state import Job, StoredEvent
 
@@ -83,6 +84,13 @@ class MemoryEventStore:
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Up to `limit` events after `after`; seq is gapless, so it indexes the list."""
         return self._events[max(0, after) : max(0, after) + limit]
+
+    async def read_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
+        """The chain's rows; the memory store keeps events decoded, and encoding is stable."""
+        return [
+            ChainRow(e.seq, e.job_id, e.version, event_tag(e.event), encode_event(e.event), e.hash)
+            for e in await self.read_all(after, limit)
+        ]
 
     async def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:
         """Every event after `after`, then each new one as it is committed."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from posixpath import basename
 from typing import Protocol
 
 STAGES = ("input", "processing", "output", "archive", "error")
@@ -49,7 +48,7 @@ def input_path(workflow_name: str, name: str) -> str:
 
 def stored_name(job: HasFile) -> str:
     """The file's name once it belongs to a job: `{job_id}--{name}`."""
-    return f"{job.id}--{basename(job.file_path)}"
+    return f"{job.id}--{job.file_path.rpartition('/')[2]}"
 
 
 def processing_path(job: HasFile) -> str:
@@ -59,7 +58,8 @@ def processing_path(job: HasFile) -> str:
 
 def archive_path(job: HasFile, at: datetime) -> str:
     """Where a completed job's input rests: dated by the UTC day of completion."""
-    day = at.astimezone(UTC).strftime("%Y-%m-%d")
+    utc = at if at.tzinfo is UTC else at.astimezone(UTC)
+    day = f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}"
     return f"{job.workflow_name}/archive/{day}/{stored_name(job)}"
 
 

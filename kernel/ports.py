@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from kernel.chain import ChainRow
 from kernel.config import WorkflowConfig
 from kernel.events import Event
 from kernel.state import Job, Status, StoredEvent
@@ -122,6 +123,10 @@ class EventStore(Protocol):
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Up to `limit` events with seq > `after`, in seq order."""
+        ...
+
+    async def read_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
+        """Up to `limit` rows after `after` as the hash chain needs them: payloads as stored."""
         ...
 
     def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -80,76 +81,85 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def evolve(job: Job | None, event: Event) -> Job:
-    """Apply one event to a job; total: an event that cannot apply is a bug upstream."""
-    if isinstance(event, JobCreated):
-        return _created(event)
+    """Apply one event to a job: a pure fold step (replay is a fold of `evolve`)."""
+    return _fold(job, event, None)
+
+
+def _fold(job: Job | None, event: Event, seq: int | None) -> Job:
     if job is None:
-        raise ValueError(f"{type(event).__name__} for unknown job {event.job_id}")
-    return _evolve_existing(job, event)
+        if not isinstance(event, JobCreated):
+            raise ValueError(f"{type(event).__name__} for unknown job {event.job_id}")
+        created = _created(event)
+        return created if seq is None else msgspec.structs.replace(
+            created, seq=seq, created_seq=seq)
+    step = _STEPS.get(type(event))
+    if step is None:
+        raise ValueError(f"{type(event).__name__} cannot apply to existing job {job.id}")
+    return step(job, event, job.seq if seq is None else seq)
 
 
-def _evolve_existing(job: Job, event: Event) -> Job:
-    match event:
-        case JobStarted():
-            return msgspec.structs.replace(
-                job,
-                status=Status.RUNNING,
-                attempts=event.attempt,
-                started_at=event.at,
-                retry_at=None,
-                progress=0.0,
-                progress_message="",
-                current_path=layout.processing_path(job),
-                updated_at=event.at,
-                version=job.version + 1,
-            )
-        case JobProgress():
-            return msgspec.structs.replace(
-                job,
-                progress=event.fraction,
-                progress_message=event.message,
-                updated_at=event.at,
-                version=job.version + 1,
-            )
-        case JobFailed():
-            return _failed(job, event)
-        case JobCompleted():
-            return msgspec.structs.replace(
-                job,
-                status=Status.COMPLETED,
-                progress=1.0,
-                result=event.result,
-                output_paths=list(event.output_paths),
-                finished_at=event.at,
-                error=None,
-                current_path=layout.archive_path(job, event.at),
-                updated_at=event.at,
-                version=job.version + 1,
-            )
-        case JobCancelled():
-            return msgspec.structs.replace(
-                job,
-                status=Status.CANCELLED,
-                finished_at=event.at,
-                retry_at=None,
-                error=ErrorInfo(type="Cancelled", message=event.reason, actor=event.actor),
-                current_path=layout.error_path(job),
-                updated_at=event.at,
-                version=job.version + 1,
-            )
-        case JobRetried():
-            # The file stays in error/ until the next claim moves it to processing/.
-            return msgspec.structs.replace(
-                job,
-                status=Status.PENDING,
-                finished_at=None,
-                retry_at=None,
-                progress=0.0,
-                progress_message="",
-                updated_at=event.at,
-                version=job.version + 1,
-            )
-    raise ValueError(f"unknown event {type(event).__name__}")
+# One function per event type; each is a single `replace`, since replay speed is the
+# cost of every rebuild and audit (see docs/performance.md).
+
+
+def _started(job: Job, event: JobStarted, seq: int) -> Job:
+    return msgspec.structs.replace(
+        job, status=Status.RUNNING, attempts=event.attempt, started_at=event.at,
+        retry_at=None, progress=0.0, progress_message="",
+        current_path=layout.processing_path(job),
+        updated_at=event.at, version=job.version + 1, seq=seq)
+
+
+def _progressed(job: Job, event: JobProgress, seq: int) -> Job:
+    return msgspec.structs.replace(
+        job, progress=event.fraction, progress_message=event.message,
+        updated_at=event.at, version=job.version + 1, seq=seq)
+
+
+def _failed(job: Job, event: JobFailed, seq: int) -> Job:
+    error = ErrorInfo(type=event.error_type, message=event.message, traceback=event.traceback)
+    if event.retry_at is None:  # final
+        return msgspec.structs.replace(
+            job, status=Status.FAILED, error=error, retry_at=None, finished_at=event.at,
+            current_path=layout.error_path(job),
+            updated_at=event.at, version=job.version + 1, seq=seq)
+    # A retry waits in processing/ where the failed attempt left its file.
+    return msgspec.structs.replace(
+        job, status=Status.PENDING, error=error, retry_at=event.retry_at,
+        updated_at=event.at, version=job.version + 1, seq=seq)
+
+
+def _completed(job: Job, event: JobCompleted, seq: int) -> Job:
+    return msgspec.structs.replace(
+        job, status=Status.COMPLETED, progress=1.0, result=event.result,
+        output_paths=list(event.output_paths), finished_at=event.at, error=None,
+        current_path=layout.archive_path(job, event.at),
+        updated_at=event.at, version=job.version + 1, seq=seq)
+
+
+def _cancelled(job: Job, event: JobCancelled, seq: int) -> Job:
+    return msgspec.structs.replace(
+        job, status=Status.CANCELLED, finished_at=event.at, retry_at=None,
+        error=ErrorInfo(type="Cancelled", message=event.reason, actor=event.actor),
+        current_path=layout.error_path(job),
+        updated_at=event.at, version=job.version + 1, seq=seq)
+
+
+def _retried(job: Job, event: JobRetried, seq: int) -> Job:
+    # The file stays in error/ until the next claim moves it to processing/.
+    return msgspec.structs.replace(
+        job, status=Status.PENDING, finished_at=None, retry_at=None, progress=0.0,
+        progress_message="", updated_at=event.at, version=job.version + 1, seq=seq)
+
+
+_STEPS: dict[type[Event], Callable[[Job, Any, int], Job]] = {
+    JobStarted: _started,
+    JobProgress: _progressed,
+    JobFailed: _failed,
+    JobCompleted: _completed,
+    JobCancelled: _cancelled,
+    JobRetried: _retried,
+}
 
 
 def _created(event: JobCreated) -> Job:
@@ -169,31 +179,6 @@ def _created(event: JobCreated) -> Job:
     )
 
 
-def _failed(job: Job, event: JobFailed) -> Job:
-    final = event.retry_at is None
-    error = ErrorInfo(type=event.error_type, message=event.message, traceback=event.traceback)
-    if final:
-        return msgspec.structs.replace(
-            job,
-            status=Status.FAILED,
-            error=error,
-            retry_at=None,
-            finished_at=event.at,
-            current_path=layout.error_path(job),
-            updated_at=event.at,
-            version=job.version + 1,
-        )
-    # A retry waits in processing/ where the failed attempt left its file.
-    return msgspec.structs.replace(
-        job,
-        status=Status.PENDING,
-        error=error,
-        retry_at=event.retry_at,
-        updated_at=event.at,
-        version=job.version + 1,
-    )
-
-
 class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
     """An event as the log holds it: its global seq, per-job version and chain hash."""
 
@@ -206,9 +191,13 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 def apply(job: Job | None, stored: StoredEvent) -> Job:
     """Fold one stored event: `evolve`, stamped with the log position it reflects."""
-    new = evolve(job, stored.event)
-    created_seq = stored.seq if job is None else job.created_seq
-    return msgspec.structs.replace(new, seq=stored.seq, created_seq=created_seq)
+    if job is not None and stored.job_id != job.id:
+        raise ValueError(f"event of job {stored.job_id} applied to job {job.id}")
+    new = _fold(job, stored.event, stored.seq)
+    if new.version != stored.version:
+        raise ValueError(f"job {stored.job_id}: stored version {stored.version}, "
+                         f"but the fold is at version {new.version}")
+    return new
 
 
 def replay(stored_events: list[StoredEvent]) -> dict[str, Job]:

@@ -10,6 +10,7 @@ second connection and never wait for the writer (WAL).
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -24,11 +25,12 @@ from adapters.memory import Notifier, decode_cursor, page_of
 from adapters.sqlite import schema
 from adapters.sqlite.lock import WriterLock
 from kernel.chain import GENESIS, ChainRow
-from kernel.events import Event, decode_event
+from kernel.events import Event, JobCreated, decode_event
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
-from kernel.state import Job, StoredEvent
+from kernel.state import Job, StoredEvent, apply
 
 BATCH_APPENDS_MAX = 1024
+REBUILD_CHUNK = 50_000
 _job_decoder = msgspec.json.Decoder(Job)
 _job_encoder = msgspec.json.Encoder()
 _ACTIVE_SQL = "('pending', 'running')"
@@ -239,6 +241,39 @@ class SqliteEventStore:
             (workflow_name, key)).fetchone()
         return row[0] if row else None
 
+    # -- rebuild -----------------------------------------------------------------------
+
+    async def rebuild(self) -> RebuildReport:
+        """Drop the read model and replay the whole log into it, in one transaction."""
+        if self._writer is None:
+            raise StoreUnavailable("rebuild needs the store opened for writing")
+        if self._leading or self._queue:
+            raise StoreUnavailable("rebuild while appends are in flight")
+        report = await anyio.to_thread.run_sync(self._rebuild, limiter=self._limiter)
+        self._load_ledger()
+        return report
+
+    def _rebuild(self) -> RebuildReport:
+        assert self._writer is not None
+        conn, started = self._writer, time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM jobs")
+            folder = _Refold(conn)
+            events = conn.cursor().execute(
+                "SELECT seq, job_id, version, payload FROM events ORDER BY seq")
+            count = 0
+            while rows := events.fetchmany(REBUILD_CHUNK):
+                folder.fold(rows)
+                count += len(rows)
+            jobs = folder.finish()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return RebuildReport(events=count, jobs=jobs,
+                             seconds=time.perf_counter() - started)
+
     # -- reads -----------------------------------------------------------------------
 
     async def read_job(self, job_id: str) -> list[StoredEvent]:
@@ -275,7 +310,7 @@ class SqliteEventStore:
         """The newest committed seq (0 when empty)."""
         if self._writer is not None:
             return self._ledger.last_seq
-        rows = await self._reader.execute_fetchall("SELECT max(seq) FROM events")
+        rows = list(await self._reader.execute_fetchall("SELECT max(seq) FROM events"))
         return int(rows[0][0] or 0)
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -341,6 +376,62 @@ class SqliteEventStore:
     async def _one_job(self, sql: str, params: tuple[object, ...]) -> Job | None:
         rows = list(await self._reader.execute_fetchall(sql, params))
         return _job_decoder.decode(rows[0][0]) if rows else None
+
+
+class RebuildReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What a rebuild replayed, and how fast."""
+
+    events: int
+    jobs: int
+    seconds: float
+
+    @property
+    def events_per_s(self) -> float:
+        """Replay speed."""
+        return self.events / self.seconds if self.seconds > 0 else float("inf")
+
+
+class _Refold:
+    """Folds the log into read-model rows, keeping only unfinished jobs in memory."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.active: dict[str, Job] = {}
+        self.done: dict[str, Job] = {}
+        self.jobs = 0
+
+    def fold(self, rows: list[tuple[int, str, int, str]]) -> None:
+        for seq, job_id, version, payload in rows:
+            job = self.active.pop(job_id, None) or self.done.pop(job_id, None)
+            event = decode_event(payload)
+            if job is None and not isinstance(event, JobCreated):
+                job = self._load(job_id)
+            elif job is None:
+                self.jobs += 1
+            job = apply(job, StoredEvent(seq=seq, job_id=job_id, version=version, event=event))
+            (self.active if job.is_active else self.done)[job_id] = job
+        if len(self.done) >= REBUILD_CHUNK:
+            self._flush()
+
+    def _load(self, job_id: str) -> Job:
+        self._flush()
+        row = self.conn.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"the log has events of job {job_id} before its JobCreated")
+        return _job_decoder.decode(row[0])
+
+    def _flush(self) -> None:
+        self.conn.executemany(
+            f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [_job_row(job) for job in self.done.values()])
+        self.done.clear()
+
+    def finish(self) -> int:
+        self.done.update(self.active)
+        self.active.clear()
+        self._flush()
+        return self.jobs
 
 
 def _job_row(job: Job) -> tuple[object, ...]:
