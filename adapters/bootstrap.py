@@ -18,10 +18,9 @@ import anyio.abc
 
 from adapters.clock import SystemClock, UlidEntropy
 from adapters.executor import LocalExecutor
-from adapters.files import HotFolders, PathOutsideRoot
+from adapters.files import HotFolders
 from adapters.memory import MemoryEventStore
 from adapters.sqlite import SqliteEventStore
-from kernel import layout
 from kernel.config import WorkflowConfig
 from kernel.decide import Rejected
 from kernel.manager import JobManager, Submitted, Workflow
@@ -43,10 +42,6 @@ async def open_store(url: str | None, data_dir: Path) -> EventStore:
     if url.startswith(("postgresql://", "postgres://")):
         raise ValueError("the PostgreSQL store is not available in this version")
     raise ValueError(f"unknown store URL {url!r}: use sqlite:///PATH or memory://")
-
-
-class FileNotInInput(LookupError):
-    """The file a submit names is not in the workflow's input/ folder."""
 
 
 class Kernel:
@@ -155,17 +150,7 @@ class Kernel:
 
     def input_file(self, workflow_name: str, file_path: str) -> str:
         """The data-root relative path of a file in input/; refuses escapes and missing files."""
-        if not file_path or "\x00" in file_path or Path(file_path).is_absolute() or \
-                ".." in Path(file_path).parts:
-            raise PathOutsideRoot(f"{file_path!r} must be a relative path inside input/")
-        relative = layout.input_path(workflow_name, Path(file_path).as_posix())
-        absolute = self.files.absolute(relative)
-        inbox = self.files.absolute(f"{workflow_name}/input")
-        if not absolute.is_relative_to(inbox):
-            raise PathOutsideRoot(f"{file_path!r} resolves outside {workflow_name}/input/")
-        if not absolute.is_file():
-            raise FileNotInInput(f"{relative} does not exist")
-        return relative
+        return self.files.input_file(workflow_name, file_path)
 
     async def cancel(self, job_id: str, *, actor: str = "api", reason: str = "") -> Job:
         """Cancel a pending or running job."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import threading
@@ -47,9 +48,11 @@ class UlidEntropy:
         return self._random.random()
 
 
+_TO_CROCKFORD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD)
+
+
 def _base32(value: int) -> str:
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    # 128 bits in RFC 4648 base32 (26 characters once the padding goes), then mapped to
+    # Crockford's alphabet, whose ASCII order keeps the ids sortable.
+    text = base64.b32encode(value.to_bytes(16, "big")).decode("ascii").rstrip("=")
+    return text.translate(_TO_CROCKFORD)

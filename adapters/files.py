@@ -7,6 +7,8 @@ harmless. Names never collide (`{job_id}--{name}`), and nothing is overwritten.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,10 @@ class PathOutsideRoot(ValueError):
     """A path that would resolve outside the data root."""
 
 
+class FileNotInInput(LookupError):
+    """The file a submit names is not in the workflow's input/ folder."""
+
+
 class HotFolders:
     """The data root and the moves of the job lifecycle (see the module docstring)."""
 
@@ -60,6 +66,30 @@ class HotFolders:
         """Create the workflow's five folders."""
         for stage in layout.STAGES:
             (self.data_dir / workflow_name / stage).mkdir(parents=True, exist_ok=True)
+
+    def input_file(self, workflow_name: str, name: str) -> str:
+        """Check that `name` is a regular file inside the workflow's input/; its relative path.
+
+        Refuses NUL, absolute paths, `..` and symlinks that lead outside input/. The common
+        case (a plain file, no symlink) costs one `lstat`: this runs on every submit.
+        """
+        parts = name.split("/")
+        if not name or "\x00" in name or name.startswith("/") or ".." in parts or "" in parts:
+            raise PathOutsideRoot(f"{name!r} must be a relative path inside input/")
+        inbox = os.path.join(self.data_dir, workflow_name, "input")
+        full = os.path.join(inbox, name)
+        try:
+            mode = os.lstat(full).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotInInput(f"{workflow_name}/input/{name} does not exist") from None
+        if stat.S_ISLNK(mode) or len(parts) > 1:
+            real = os.path.realpath(full)
+            if not real.startswith(os.path.realpath(inbox) + os.sep):
+                raise PathOutsideRoot(f"{name!r} resolves outside {workflow_name}/input/")
+            mode = os.stat(real).st_mode
+        if not stat.S_ISREG(mode):
+            raise FileNotInInput(f"{workflow_name}/input/{name} is not a regular file")
+        return layout.input_path(workflow_name, name)
 
     def absolute(self, relative: str) -> Path:
         """The absolute path of a data-root relative path; refuses anything outside the root."""

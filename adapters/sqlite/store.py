@@ -46,7 +46,7 @@ def micros(at: datetime) -> int:
 
 
 class _Append:
-    __slots__ = ("done", "error", "events", "expected_version", "job_id", "result")
+    __slots__ = ("error", "events", "expected_version", "job_id", "result")
 
     def __init__(self, job_id: str, events: Sequence[Event], expected_version: int) -> None:
         self.job_id = job_id
@@ -54,6 +54,15 @@ class _Append:
         self.expected_version = expected_version
         self.result: list[StoredEvent] = []
         self.error: StoreError | None = None
+
+
+class _Group:
+    """The appends that will be written together, and the event their callers wait on."""
+
+    __slots__ = ("done", "requests")
+
+    def __init__(self) -> None:
+        self.requests: list[_Append] = []
         self.done = anyio.Event()
 
 
@@ -77,7 +86,7 @@ class SqliteEventStore:
         self._reader = reader
         self._lock = lock
         self._ledger = Ledger()
-        self._queue: list[_Append] = []
+        self._group = _Group()
         self._leading = False
         self._drained = anyio.Event()
         self._notifier = Notifier()
@@ -126,10 +135,10 @@ class SqliteEventStore:
         if self._closed or self._writer is None:
             raise StoreUnavailable(f"the store {self.path} is closed or read-only")
         requests = [_Append(a.job_id, a.events, a.expected_version) for a in appends]
-        self._queue.extend(requests)
+        group = self._group
+        group.requests.extend(requests)
         if self._leading:
-            for request in requests:
-                await request.done.wait()
+            await group.done.wait()
         else:
             await self._lead()
         return [r.error if r.error is not None else r.result for r in requests]
@@ -137,13 +146,12 @@ class SqliteEventStore:
     async def _lead(self) -> None:
         self._leading = True
         try:
-            # A batch once started must finish: its appenders wait on it.
+            # A group once started must finish: its appenders wait on it.
             with anyio.CancelScope(shield=True):
                 await anyio.lowlevel.checkpoint()  # let appends issued beside us join
-                while self._queue:
-                    batch = self._queue[:BATCH_APPENDS_MAX]
-                    del self._queue[:BATCH_APPENDS_MAX]
-                    await self._write_batch(batch)
+                while self._group.requests:
+                    group, self._group = self._group, _Group()
+                    await self._write_group(group)
                     # The appenders just woken often append again at once: let them join.
                     await anyio.lowlevel.checkpoint()
         finally:
@@ -151,16 +159,20 @@ class SqliteEventStore:
             self._drained.set()
             self._drained = anyio.Event()
 
-    async def _write_batch(self, batch: list[_Append]) -> None:
+    async def _write_group(self, group: _Group) -> None:
         try:
-            await anyio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
+            await anyio.to_thread.run_sync(self._write_all, group.requests, limiter=self._limiter)
         except Exception as exc:  # a bug or a driver failure: no appender may hang on it
-            for request in batch:
-                request.result, request.error = [], StoreUnavailable(f"append failed: {exc!r}")
+            for request in group.requests:
+                if not request.result and request.error is None:
+                    request.error = StoreUnavailable(f"append failed: {exc!r}")
         finally:
-            for request in batch:
-                request.done.set()
+            group.done.set()
             self._notifier.notify()
+
+    def _write_all(self, requests: list[_Append]) -> None:
+        for start in range(0, len(requests), BATCH_APPENDS_MAX):
+            self._write(requests[start : start + BATCH_APPENDS_MAX])
 
     def _write(self, requests: list[_Append]) -> None:
         assert self._writer is not None
@@ -247,7 +259,7 @@ class SqliteEventStore:
         """Drop the read model and replay the whole log into it, in one transaction."""
         if self._writer is None:
             raise StoreUnavailable("rebuild needs the store opened for writing")
-        if self._leading or self._queue:
+        if self._leading or self._group.requests:
             raise StoreUnavailable("rebuild while appends are in flight")
         report = await anyio.to_thread.run_sync(self._rebuild, limiter=self._limiter)
         self._load_ledger()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adapters.bootstrap import FileNotInInput, Kernel  # noqa: E402
+from adapters.bootstrap import Kernel  # noqa: E402
 from kernel.config import WorkflowConfig  # noqa: E402
 from kernel.task import BaseProcessor, JobContext  # noqa: E402
 
@@ -96,7 +96,7 @@ async def submit_inbox(kernel: Kernel, inbox: Path) -> tuple[int, int, int]:
         async with limiter:
             try:
                 submitted = await kernel.submit_file(WORKFLOW, name)
-            except FileNotInInput:
+            except LookupError:  # FileNotInInput (its home module has moved before)
                 counts[2] += 1  # claimed into processing/ while we listed
                 return
             counts[0 if submitted.created else 1] += 1
