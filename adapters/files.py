@@ -18,7 +18,7 @@ import msgspec
 import structlog
 
 from adapters.context import FileJobContext
-from adapters.fsutil import TEMP_SUFFIX, durable_rename, write_bytes_atomic
+from adapters.fsutil import TEMP_SUFFIX, move, write_bytes_atomic
 from adapters.intake import IntakeChecker
 from kernel import layout
 from kernel.config import WorkflowConfig
@@ -166,7 +166,9 @@ class HotFolders:
             return
         for source in self._candidates(job):
             if source != target and source.is_file():
-                durable_rename(source, target)
+                # Durable before the processor runs: were this rename lost in a power cut
+                # after the job completed, the file would reappear in input/ as new work.
+                move(source, target)
                 self._error_report_path(source).unlink(missing_ok=True)
                 return
         raise FileMissing(f"{job.file_path} is in none of input/, processing/, error/")
@@ -178,7 +180,12 @@ class HotFolders:
             if source is None:
                 log.warning("file_missing_at_settle", job_id=job.id, file_path=job.file_path)
             else:
-                durable_rename(source, target)
+                # From processing/ no fsync is needed: were the rename lost in a power cut,
+                # reconciliation finds the file there and settles it again from the log.
+                # From input/ (refused or cancelled before a start) the watcher would see
+                # it as new work, so that move is made durable.
+                from_input = source == self.absolute(job.file_path)
+                move(source, target, durable=from_input)
         if job.status in (Status.FAILED, Status.CANCELLED):
             write_bytes_atomic(self._error_report_path(target),
                                msgspec.json.format(msgspec.json.encode(_report(job))))
@@ -199,7 +206,7 @@ class HotFolders:
         target = self.data_dir / workflow_name / "input" / (name or path.name)
         if target.exists():
             target = self.data_dir / workflow_name / "error" / path.name
-        durable_rename(path, target)
+        move(path, target)
         log.warning("orphan_returned", path=str(path), to=str(target))
 
     @staticmethod

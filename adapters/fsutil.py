@@ -56,12 +56,16 @@ def write_bytes_atomic(target: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def durable_rename(source: Path, target: Path) -> None:
-    """Rename `source` to `target` (never over an existing file), durably."""
+def move(source: Path, target: Path, *, durable: bool = True) -> None:
+    """Rename `source` to `target`, never over an existing file; `durable` fsyncs the target's
+    folder, which on journaling filesystems (ext4, xfs) commits the whole rename.
+
+    A move that may be lost in a power cut without harm (reconciliation redoes it from
+    the log) passes `durable=False` and costs no fsync.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         raise FileExistsError(f"{target} exists; refusing to overwrite it")
     os.rename(source, target)
-    fsync_dir(target.parent)
-    if source.parent != target.parent:
-        fsync_dir(source.parent)
+    if durable:
+        fsync_dir(target.parent)

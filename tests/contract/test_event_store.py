@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -55,7 +56,7 @@ from kernel.ports import (
 from kernel.state import Job, Status, StoredEvent, replay
 
 if TYPE_CHECKING:
-    from tests.contract.conftest import FreshStore, Reopen
+    from tests.contract.conftest import FreshStore, OpenStore, Reopen
 
 pytestmark = pytest.mark.anyio
 
@@ -88,7 +89,7 @@ def created(
         file_path=path or f"{wf}/input/{name}",
         channel_name=channel,
         priority=3,
-        params={"pages": [1, 2], "lang": "de"},
+        params={"pages": [1, 2], "title": "Grüße ✓", "scale": 0.1},
         idempotency_key=key,
     )
 
@@ -567,6 +568,28 @@ async def test_racing_creates_for_one_file_have_exactly_one_winner(store: EventS
     assert await store.last_seq() == 1
 
 
+async def test_cancelled_appends_leave_a_consistent_store(store: EventStore) -> None:
+    """Appends cancelled mid-flight leave the log whole and the read model equal to its replay."""
+    scopes: list[anyio.CancelScope] = []
+
+    async def lifecycle(job_id: str) -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await run_lifecycle(store, job_id)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for i in range(60):
+                tg.start_soon(lifecycle, f"job-{i:02d}")
+            for step in (2, 3, 5):
+                await anyio.lowlevel.checkpoint()
+                for scope in scopes[::step]:
+                    scope.cancel()
+    await assert_read_model_is_replay(store)
+    last = await store.last_seq()
+    assert [s.seq for s in await create(store, "after", name="after.pdf")] == [last + 1]
+
+
 # -- tail ----------------------------------------------------------------------------
 
 
@@ -928,13 +951,38 @@ async def test_every_stored_hash_verifies(store: EventStore) -> None:
     assert [s.hash for s in log[-2:]] == [s.hash for s in returned]
 
 
-async def test_append_after_close_is_unavailable(fresh_store: FreshStore) -> None:
+async def test_append_after_close_is_unavailable(store: EventStore, opened: OpenStore) -> None:
     """A closed store refuses appends with StoreUnavailable."""
-    async with fresh_store() as store:
-        await create(store, "A")
-        await store.close()
-        with pytest.raises(StoreUnavailable):
-            await create(store, "B", name="b.pdf")
+    await create(store, "A")
+    await opened.close()
+    with pytest.raises(StoreUnavailable):
+        await create(store, "B", name="b.pdf")
+
+
+async def test_reads_after_close_leak_no_driver_error(store: EventStore, opened: OpenStore) -> None:
+    """A closed store's reads answer or raise StoreUnavailable, never their driver's error."""
+    await create(store, "A")
+    await opened.close()
+    reads = {
+        "read_all": lambda: store.read_all(0, 10),
+        "read_job": lambda: store.read_job("A"),
+        "last_seq": store.last_seq,
+        "get_job": lambda: store.get_job("A"),
+        "find_active": lambda: store.find_active(WF, f"{WF}/input/a.pdf"),
+        "find_by_key": lambda: store.find_by_key(WF, "k"),
+        "active_jobs": store.active_jobs,
+        "list_jobs": lambda: store.list_jobs(JobQuery()),
+        "count_jobs": store.count_jobs,
+    }
+    leaked = {}
+    for name, read in reads.items():
+        try:
+            await read()
+        except StoreUnavailable:
+            pass
+        except Exception as exc:
+            leaked[name] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    assert leaked == {}
 
 
 # -- durability (stores that persist) ----------------------------------------------------------
@@ -983,3 +1031,29 @@ async def test_append_rules_survive_reopen(store: EventStore, reopen: Reopen) ->
     assert (busy.value.existing_job_id, used.value.existing_job_id) == ("A", "K")
     await assert_nothing_written(store, before)
     await create(store, "D", name="k.pdf")  # K ended, so its file is free
+
+
+
+async def test_close_flushes_appends_in_flight(store: EventStore, reopen: Reopen) -> None:
+    """Appends queued when the store closes are written, or refused whole; none is half-done."""
+    closing = store
+    accepted: dict[str, bool] = {}
+
+    async def submit(job_id: str) -> None:
+        try:
+            await create(closing, job_id, name=f"{job_id}.pdf")
+        except StoreUnavailable:
+            accepted[job_id] = False
+        else:
+            accepted[job_id] = True
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(submit, f"J{i:02d}")
+            await anyio.lowlevel.checkpoint()  # the appends are queued now
+            store = await reopen()
+    stored = {s.job_id for s in await whole_log(store)}
+    assert stored == {job_id for job_id, ok in accepted.items() if ok}
+    assert stored, "the appends in flight at close were dropped, not flushed"
+    await assert_read_model_is_replay(store)
