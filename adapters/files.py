@@ -119,8 +119,16 @@ class HotFolders:
         await anyio.to_thread.run_sync(self._claim, job)
 
     async def settle(self, job: Job) -> None:
-        """Move a terminal job's file to archive/ or error/ (idempotent)."""
-        await anyio.to_thread.run_sync(self._settle, job)
+        """Move a terminal job's file to archive/ or error/ (idempotent).
+
+        A failure here is logged, not raised: the log already holds the outcome, and
+        reconciliation at the next start finishes the move.
+        """
+        try:
+            await anyio.to_thread.run_sync(self._settle, job)
+        except OSError:
+            log.exception("settle_failed", job_id=job.id, workflow_name=job.workflow_name,
+                          target=job.current_path)
 
     async def reconcile(self, workflow_name: str, active: Sequence[Job],
                         lookup: Callable[[str], Awaitable[Job | None]]) -> None:

@@ -10,9 +10,9 @@ so a copy of the log into another store verifies with the same hashes.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import msgspec
-from collections.abc import Iterable
 
 GENESIS = "0" * 64
 _header = msgspec.json.Encoder()

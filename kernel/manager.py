@@ -103,6 +103,7 @@ class JobManager:
         self._intake_ready = anyio.Event()
         self._wakeup = anyio.Event()
         self._waiters: dict[str, anyio.Event] = {}
+        self._unsettled: set[str] = set()  # terminal, but the file is still on its way
         self._blocked_until: dict[str, float] = {}
         self._claiming = True
         self._tg: anyio.abc.TaskGroup | None = None
@@ -188,7 +189,7 @@ class JobManager:
         if attempt is not None:
             attempt.stop("cancel")  # its runner settles the file once the processor stops
         else:
-            await self.files.settle(job)
+            await self._settle_file(job)
         return job
 
     async def retry(self, job_id: str, *, actor: str, reason: str = "") -> Job:
@@ -210,7 +211,7 @@ class JobManager:
                 job = await self.get_job(job_id)
                 if job is None:
                     raise Rejected("not_found", f"job {job_id} does not exist")
-                if not job.is_active:
+                if not job.is_active and job.id not in self._unsettled:
                     return job
                 with anyio.move_on_after(1.0):  # also sees jobs finished by other nodes
                     await event.wait()
@@ -400,7 +401,7 @@ class JobManager:
         if job.is_active:
             self._admit(job)  # failed with a retry: back to the queue at its retry_at
         else:
-            await self.files.settle(job)
+            await self._settle_file(job)
 
     # -- intake and recovery -----------------------------------------------------------
 
@@ -445,7 +446,7 @@ class JobManager:
         refused = await self._decide_and_append(job.id, lambda j: RefuseAtIntake(
             job_id=j.id, at=self.clock.now(), error_type=refusal.error_type,
             message=refusal.message))
-        await self.files.settle(refused)
+        await self._settle_file(refused)
 
     async def _readmit_later(self, job_id: str, delay_s: float) -> None:
         await anyio.sleep(delay_s)
@@ -471,7 +472,7 @@ class JobManager:
             self._jobs[job.id] = job
             self._admit(job)
         for job in await self._terminal_unsettled(active):
-            await self.files.settle(job)
+            await self._settle_file(job)
 
     async def _terminal_unsettled(self, jobs: Sequence[Job]) -> list[Job]:
         # Jobs that went terminal during recovery (attempts exhausted) need their move.
@@ -489,7 +490,7 @@ class JobManager:
                 self._admit(job)
         elif not job.is_active:
             self._jobs.pop(job.id, None)
-            await self.files.settle(job)  # e.g. cancelled while we were claiming it
+            await self._settle_file(job)  # e.g. cancelled while we were claiming it
 
     # -- progress ----------------------------------------------------------------------
 
@@ -562,8 +563,16 @@ class JobManager:
             self._jobs[job.id] = job
         else:
             self._jobs.pop(job.id, None)
+            self._unsettled.add(job.id)
+        return job
+
+    async def _settle_file(self, job: Job) -> None:
+        """Move a terminal job's file, then wake whoever waits for the job."""
+        try:
+            await self.files.settle(job)
+        finally:
+            self._unsettled.discard(job.id)
             waiter = self._waiters.pop(job.id, None)
             if waiter is not None:
                 waiter.set()
-        return job
 
