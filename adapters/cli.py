@@ -17,8 +17,8 @@ from adapters.audit import snapshot_at, verify_chain
 from adapters.sqlite import SqliteEventStore
 from kernel.ports import StoreError, StoreLocked, StoreUnavailable
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 data_dir_option = click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
