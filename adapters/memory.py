@@ -190,6 +190,8 @@ def decode_cursor(cursor: str | None) -> int | None:
 
 def page_of(items: list[Job], limit: int) -> JobPage:
     """Cut a newest-first list (fetched with one extra row) into a page and its cursor."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
     if len(items) > limit:
         items = items[:limit]
         return JobPage(items=items, next_cursor=encode_cursor(items[-1].created_seq))

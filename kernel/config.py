@@ -34,6 +34,9 @@ class WorkflowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     non_retryable: tuple[str, ...] = DEFAULT_NON_RETRYABLE
     settle_ms: int = 500  # size and mtime stable this long before a file becomes a job
     marker: bool = False  # wait for `x.done` beside `x` instead of settling
+    watch_mode: Literal["events", "poll"] = "events"  # poll: network shares without inotify
+    poll_interval_s: float = 1.0
+    rescan_interval_s: float = 30.0  # a full scan of input/ catches missed notifications
     include: tuple[str, ...] = ()  # glob patterns; empty: every name
     exclude: tuple[str, ...] = ()
     max_size_bytes: int | None = 1024**3
@@ -59,6 +62,8 @@ class WorkflowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("settle_ms must not be negative")
         if self.max_size_bytes is not None and self.max_size_bytes < 1:
             raise ValueError("max_size_bytes must be positive")
+        if self.poll_interval_s <= 0 or self.rescan_interval_s <= 0:
+            raise ValueError("poll_interval_s and rescan_interval_s must be positive")
         if self.progress_interval_s < 0:
             raise ValueError("progress_interval_s must not be negative")
 

@@ -15,6 +15,7 @@ from kernel.events import (
     JobCancelled,
     JobCompleted,
     JobCreated,
+    JobDuplicateReceived,
     JobFailed,
     JobProgress,
     JobRetried,
@@ -92,6 +93,14 @@ class RetryJob(Command, frozen=True):
     reason: str = ""
 
 
+class RecordDuplicate(Command, frozen=True):
+    """An identical file was dropped again: record it against this job (any status)."""
+
+    file_path: str
+    stored_path: str
+    sha256: str = ""
+
+
 AnyCommand = (
     CreateJob
     | StartJob
@@ -101,6 +110,7 @@ AnyCommand = (
     | RefuseAtIntake
     | CancelJob
     | RetryJob
+    | RecordDuplicate
 )
 
 
@@ -134,6 +144,11 @@ def decide(job: Job | None, command: AnyCommand) -> list[Event]:
             return _cancel(job, command)
         case RetryJob():
             return _retry(job, command)
+        case RecordDuplicate():
+            return [JobDuplicateReceived(job_id=job.id, at=command.at,
+                                         file_path=command.file_path,
+                                         stored_path=command.stored_path,
+                                         sha256=command.sha256)]
     raise Rejected("invalid", f"unknown command {type(command).__name__}")
 
 

@@ -80,8 +80,23 @@ class JobRetried(Event, frozen=True, tag="job.retried"):
     reason: str = ""
 
 
+class JobDuplicateReceived(Event, frozen=True, tag="job.duplicate_received"):
+    """A file identical to this job's (same sha256) was dropped again and not processed."""
+
+    file_path: str  # where the identical file was dropped, relative to the data root
+    stored_path: str  # where its bytes were kept instead, relative to the data root
+    sha256: str = ""
+
+
 AnyEvent = (
-    JobCreated | JobStarted | JobProgress | JobFailed | JobCompleted | JobCancelled | JobRetried
+    JobCreated
+    | JobStarted
+    | JobProgress
+    | JobFailed
+    | JobCompleted
+    | JobCancelled
+    | JobRetried
+    | JobDuplicateReceived
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -92,6 +107,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     JobCompleted,
     JobCancelled,
     JobRetried,
+    JobDuplicateReceived,
 )
 
 _encoder = msgspec.json.Encoder()

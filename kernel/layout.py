@@ -71,3 +71,10 @@ def error_path(job: HasFile) -> str:
 def output_dir(workflow_name: str) -> str:
     """The workflow's output folder, relative to the data root."""
     return f"{workflow_name}/output"
+
+
+def duplicate_path(job: HasFile, name: str, at: datetime) -> str:
+    """Where the bytes of a dropped duplicate of `job`'s file are kept."""
+    utc = at if at.tzinfo is UTC else at.astimezone(UTC)
+    stamp = f"{utc:%Y%m%dT%H%M%S%f}"
+    return f"{job.workflow_name}/archive/duplicates/{job.id}--{stamp}--{name.rpartition('/')[2]}"

@@ -16,6 +16,7 @@ from kernel.events import (
     JobCancelled,
     JobCompleted,
     JobCreated,
+    JobDuplicateReceived,
     JobFailed,
     JobProgress,
     JobRetried,
@@ -70,6 +71,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None = None
     result: dict[str, Any] | None = None
     output_paths: list[str] = msgspec.field(default_factory=list)
+    duplicates: int = 0  # identical files dropped again and not processed
     version: int = 0  # events applied: the expected_version of the next append
     seq: int = 0  # global position of the last event applied
     created_seq: int = 0  # global position of JobCreated: FIFO order in the queue
@@ -152,6 +154,12 @@ def _retried(job: Job, event: JobRetried, seq: int) -> Job:
         progress_message="", updated_at=event.at, version=job.version + 1, seq=seq)
 
 
+def _duplicate(job: Job, event: JobDuplicateReceived, seq: int) -> Job:
+    return msgspec.structs.replace(
+        job, duplicates=job.duplicates + 1, updated_at=event.at, version=job.version + 1,
+        seq=seq)
+
+
 _STEPS: dict[type[Event], Callable[[Job, Any, int], Job]] = {
     JobStarted: _started,
     JobProgress: _progressed,
@@ -159,6 +167,7 @@ _STEPS: dict[type[Event], Callable[[Job, Any, int], Job]] = {
     JobCompleted: _completed,
     JobCancelled: _cancelled,
     JobRetried: _retried,
+    JobDuplicateReceived: _duplicate,
 }
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 from pathlib import Path
 
 import aiosqlite
@@ -40,9 +41,13 @@ _JOB_COLUMNS = (
 )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def micros(at: datetime) -> int:
-    """A datetime as integer microseconds since the epoch (sortable in SQL)."""
-    return int(at.timestamp() * 1_000_000)
+    """A datetime as integer microseconds since the epoch (exact; sortable in SQL)."""
+    return (at - _EPOCH) // _MICROSECOND
 
 
 class _Append:
@@ -302,7 +307,7 @@ class SqliteEventStore:
 
     async def read_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
         """Raw rows for the hash chain: the payload bytes exactly as stored."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
             "SELECT seq, job_id, version, type, payload, hash FROM events "
             "WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
         return [ChainRow(r[0], r[1], r[2], r[3], r[4].encode(), r[5]) for r in rows]
@@ -322,7 +327,7 @@ class SqliteEventStore:
         """The newest committed seq (0 when empty)."""
         if self._writer is not None:
             return self._ledger.last_seq
-        rows = list(await self._reader.execute_fetchall("SELECT max(seq) FROM events"))
+        rows = list(await self._fetch("SELECT max(seq) FROM events"))
         return int(rows[0][0] or 0)
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -347,20 +352,20 @@ class SqliteEventStore:
         params: tuple[object, ...] = ()
         if workflow_name is not None:
             sql, params = sql + " AND workflow_name = ?", (workflow_name,)
-        rows = await self._reader.execute_fetchall(sql + " ORDER BY created_seq", params)
+        rows = await self._fetch(sql + " ORDER BY created_seq", params)
         return [_job_decoder.decode(body) for (body,) in rows]
 
     async def list_jobs(self, query: JobQuery) -> JobPage:
         """A page of jobs, newest first, after the cursor."""
         where, params = _where(query)
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
             f"SELECT body FROM jobs {where} ORDER BY created_seq DESC LIMIT ?",
             (*params, query.limit + 1))
         return page_of([_job_decoder.decode(body) for (body,) in rows], query.limit)
 
     async def count_jobs(self) -> dict[tuple[str, str], int]:
         """Jobs per (workflow, status)."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
             "SELECT workflow_name, status, count(*) FROM jobs GROUP BY workflow_name, status")
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
@@ -378,15 +383,24 @@ class SqliteEventStore:
         if self._lock is not None:
             self._lock.release()
 
+    async def _fetch(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        """Run a read; a closed or failing reader raises StoreUnavailable, not a driver error."""
+        if self._closed:
+            raise StoreUnavailable(f"the store {self.path} is closed")
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreUnavailable(f"reading {self.path} failed: {exc}") from exc
+
     async def _events(self, sql: str, params: tuple[object, ...]) -> list[StoredEvent]:
-        rows = await self._reader.execute_fetchall(sql, params)
+        rows = await self._fetch(sql, params)
         return [
             StoredEvent(seq=r[0], job_id=r[1], version=r[2], event=decode_event(r[3]), hash=r[4])
             for r in rows
         ]
 
     async def _one_job(self, sql: str, params: tuple[object, ...]) -> Job | None:
-        rows = list(await self._reader.execute_fetchall(sql, params))
+        rows = list(await self._fetch(sql, params))
         return _job_decoder.decode(rows[0][0]) if rows else None
 
 

@@ -182,14 +182,14 @@ async def assert_read_model_is_replay(store: EventStore) -> None:
         assert await store.read_job(job_id) == [s for s in log if s.job_id == job_id]
     oldest_first = sorted(oracle.values(), key=lambda job: job.created_seq)
     active = [job for job in oldest_first if job.is_active]
+    owners = Counter((job.workflow_name, job.file_path) for job in active)
+    assert all(n == 1 for n in owners.values()), "two active jobs own one file"
     assert await store.active_jobs() == active
     for wf in {job.workflow_name for job in oldest_first}:
         assert await store.active_jobs(wf) == [job for job in active if job.workflow_name == wf]
         for path in {job.file_path for job in oldest_first}:
             owner = [a for a in active if (a.workflow_name, a.file_path) == (wf, path)]
             assert await store.find_active(wf, path) == (owner[0] if owner else None)
-    owners = Counter((job.workflow_name, job.file_path) for job in active)
-    assert all(n == 1 for n in owners.values()), "two active jobs own one file"
     keyed = [job for job in oldest_first if job.idempotency_key is not None]
     assert len({(job.workflow_name, job.idempotency_key) for job in keyed}) == len(keyed)
     for job in keyed:
@@ -671,15 +671,16 @@ async def test_find_by_key_finds_the_job_whatever_its_status(store: EventStore) 
 
 async def test_active_jobs_are_oldest_first_and_filtered(store: EventStore) -> None:
     """active_jobs lists pending and running jobs by creation order, optionally of one workflow."""
-    for i, wf in enumerate(["alpha", "beta", "alpha", "beta", "alpha"]):
-        await create(store, f"J{i}", wf=wf, t=i, name=f"{i}.pdf")
-    await advance(store, "J1", [started("J1", t=10)])
-    await advance(store, "J2", ENDINGS["cancelled"]("J2"))
-    await advance(store, "J0", ENDINGS["failed_finally"]("J0"))
-    await advance(store, "J0", [retried("J0", t=11)])  # back in the queue, at its old place
-    assert [job.id for job in await store.active_jobs()] == ["J0", "J1", "J3", "J4"]
-    assert [job.id for job in await store.active_jobs("alpha")] == ["J0", "J4"]
-    assert [job.id for job in await store.active_jobs("beta")] == ["J1", "J3"]
+    jobs = [("E", "alpha"), ("B", "beta"), ("D", "alpha"), ("A", "beta"), ("C", "alpha")]
+    for i, (job_id, wf) in enumerate(jobs):  # creation order is not id order
+        await create(store, job_id, wf=wf, t=i, name=f"{i}.pdf")
+    await advance(store, "B", [started("B", t=10)])
+    await advance(store, "D", ENDINGS["cancelled"]("D"))
+    await advance(store, "E", ENDINGS["failed_finally"]("E"))
+    await advance(store, "E", [retried("E", t=11)])  # back in the queue, at its old place
+    assert [job.id for job in await store.active_jobs()] == ["E", "B", "A", "C"]
+    assert [job.id for job in await store.active_jobs("alpha")] == ["E", "C"]
+    assert [job.id for job in await store.active_jobs("beta")] == ["B", "A"]
     assert await store.active_jobs("gamma") == []
     await assert_read_model_is_replay(store)
 
@@ -706,7 +707,7 @@ async def test_count_jobs_by_workflow_and_status(store: EventStore) -> None:
 async def populate(store: EventStore, count: int = 12) -> dict[str, Job]:
     """Jobs created one second apart across workflows, channels and statuses; the replayed log."""
     for i in range(count):
-        job_id = f"J{i:02d}"
+        job_id = f"J{i * 37 % 100:02d}"  # creation order is not id order
         wf = ("alpha", "beta")[i % 2]
         await create(store, job_id, t=i, wf=wf, name=f"{i}.pdf", channel=(None, "ch")[i % 3 == 0])
         ending = (None, "completed", "failed_finally", None, "cancelled")[i % 5]
@@ -837,7 +838,7 @@ def command_for(op: Operation, jobs: dict[str, Job], step: int) -> AnyCommand:
 def create_command(pick: int, step: int) -> CreateJob:
     wf = WORKFLOWS[pick % 2]
     return CreateJob(
-        job_id=f"job-{step:03d}", at=at(step), workflow_name=wf,
+        job_id=f"job-{step * 37 % 100:02d}", at=at(step), workflow_name=wf,  # not in id order
         file_path=f"{wf}/input/{('x', 'y')[pick // 2 % 2]}.csv",
         channel_name=(None, "ch")[pick % 3 == 0], priority=pick % 5,
         idempotency_key=KEYS[pick // 4 % 3],

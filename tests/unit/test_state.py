@@ -18,6 +18,7 @@ from kernel.events import (
     JobFailed,
     JobProgress,
     JobRetried,
+    JobDuplicateReceived,
     JobStarted,
     decode_event,
     encode_event,
@@ -370,6 +371,7 @@ EXPECTED_TAGS = {
     JobCompleted: "job.completed",
     JobCancelled: "job.cancelled",
     JobRetried: "job.retried",
+    JobDuplicateReceived: "job.duplicate_received",
 }
 
 ONE_OF_EACH: list[Event] = [

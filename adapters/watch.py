@@ -1,0 +1,243 @@
+"""Hot-folder watchers: a file in `input/` becomes a job once it is complete, and only once.
+
+`BaseWatcher` is the seed's base class: it scans `input/` at start and then
+periodically, follows change notifications between scans, decides when a file
+is complete (its size and mtime stable for `settle_ms`, or a marker `x.done`
+beside `x`) and submits it. `WatchfilesWatcher` gets its notifications from
+watchfiles (inotify, or polling for network shares). A workflow may pass its
+own subclass to `register_workflow(..., watcher=MyWatcher)`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from kernel.config import WorkflowConfig
+
+log = structlog.get_logger("multiflow.watch")
+
+IGNORED = (".*", "*.tmp", "*.part", "*.crdownload", "*.multiflow-tmp", "*.error.json")
+MARKER_SUFFIX = ".done"
+RESTART_BACKOFF_MAX_S = 30.0
+
+# submit(name, completeness, idempotency_key) -> job id, or None when the file was refused
+Submit = Callable[[str, str, str | None], Awaitable[str | None]]
+
+
+class _Seen:
+    """A file waiting to be complete: its last (size, mtime) and since when it has held."""
+
+    __slots__ = ("identity", "since")
+
+    def __init__(self, identity: tuple[int, int], since: float) -> None:
+        self.identity = identity
+        self.since = since
+
+
+class BaseWatcher:
+    """Turns complete files in one workflow's input/ into jobs (see the module docstring)."""
+
+    def __init__(self, workflow_name: str, inbox: Path, config: WorkflowConfig,
+                 submit: Submit) -> None:
+        self.workflow_name = workflow_name
+        self.inbox = inbox
+        self.config = config
+        self.submit = submit
+        self.last_heartbeat = time.monotonic()
+        self.restarts = 0
+        self._waiting: dict[str, _Seen] = {}
+        self._submitted: dict[str, tuple[int, int]] = {}
+        self._changed = anyio.Event()
+
+    # -- what subclasses provide ---------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Call `self.notice(names)` as files change; return only when the source ends."""
+        raise NotImplementedError
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Watch until cancelled; after an error, restart with backoff."""
+        started = False
+        backoff_s = 0.5
+        while True:
+            try:
+                async with anyio.create_task_group() as tg:
+                    await self.scan()
+                    tg.start_soon(self.follow)
+                    tg.start_soon(self._rescan_periodically)
+                    tg.start_soon(self._settle_loop)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    backoff_s = 0.5
+            except Exception:
+                self.restarts += 1
+                log.exception("watcher_failed", workflow_name=self.workflow_name,
+                              restart_in_s=backoff_s)
+                if not started:
+                    started = True
+                    task_status.started()
+            await anyio.sleep(backoff_s)
+            backoff_s = min(RESTART_BACKOFF_MAX_S, backoff_s * 2)
+
+    def heartbeat_age_s(self) -> float:
+        """Seconds since the watcher last proved it was alive."""
+        return time.monotonic() - self.last_heartbeat
+
+    async def scan(self) -> None:
+        """Look at every file in input/ (at start, and to catch missed notifications)."""
+        names = await anyio.to_thread.run_sync(self._list_inbox)
+        present = set(names)
+        for gone in [name for name in self._submitted if name not in present]:
+            del self._submitted[gone]
+        self.notice(names)
+        self.last_heartbeat = time.monotonic()
+
+    def notice(self, names: Iterable[str]) -> None:
+        """Names (relative to input/) that may have changed: check them soon."""
+        now = time.monotonic()
+        for name in names:
+            if self.wanted(name) and name not in self._waiting:
+                self._waiting[name] = _Seen((-1, -1), now)
+        self._changed.set()
+
+    def wanted(self, name: str) -> bool:
+        """Whether a name may become a job: not temporary, hidden, a marker, or excluded."""
+        base = name.rsplit("/", 1)[-1]
+        if any(fnmatch.fnmatch(base, pattern) for pattern in IGNORED):
+            return False
+        if self.config.marker and base.endswith(MARKER_SUFFIX):
+            return False
+        if self.config.include and not any(fnmatch.fnmatch(base, p) for p in self.config.include):
+            return False
+        return not any(fnmatch.fnmatch(base, p) for p in self.config.exclude)
+
+    async def _rescan_periodically(self) -> None:
+        while True:
+            await anyio.sleep(self.config.rescan_interval_s)
+            await self.scan()
+
+    async def _settle_loop(self) -> None:
+        while True:
+            wait_s = await self._check_waiting()
+            self._changed = anyio.Event()
+            with anyio.move_on_after(wait_s):
+                await self._changed.wait()
+            self.last_heartbeat = time.monotonic()
+
+    async def _check_waiting(self) -> float:
+        """Submit the files that are complete; return how long until the next may be."""
+        if not self._waiting:
+            return 1.0
+        names = list(self._waiting)
+        identities = await anyio.to_thread.run_sync(self._identities, names)
+        now = time.monotonic()
+        settle_s = self.config.settle_ms / 1000
+        next_s = 1.0
+        for name, identity in zip(names, identities, strict=True):
+            seen = self._waiting.get(name)
+            if seen is None:
+                continue
+            if identity is None or self._submitted.get(name) == identity:
+                del self._waiting[name]  # gone, or already a job
+                continue
+            if identity != seen.identity:
+                seen.identity, seen.since = identity, now
+            ready_in_s = self._ready_in_s(name, seen, now, settle_s)
+            if ready_in_s <= 0:
+                del self._waiting[name]
+                await self._submit(name, identity)
+            else:
+                next_s = min(next_s, ready_in_s)
+        return next_s
+
+    def _ready_in_s(self, name: str, seen: _Seen, now: float, settle_s: float) -> float:
+        if self.config.marker:
+            marker = self.inbox / (name + MARKER_SUFFIX)
+            return 0.0 if marker.exists() else 1.0
+        return settle_s - (now - seen.since)
+
+    async def _submit(self, name: str, identity: tuple[int, int]) -> None:
+        key = None
+        if self.config.dedupe:
+            key = "sha256:" + await anyio.to_thread.run_sync(sha256_of, self.inbox / name)
+        completeness = "marker" if self.config.marker else f"stable:{self.config.settle_ms}ms"
+        job_id = await self.submit(name, completeness, key)
+        if job_id is None:
+            return
+        self._submitted[name] = identity
+        if self.config.marker:
+            (self.inbox / (name + MARKER_SUFFIX)).unlink(missing_ok=True)
+
+    # -- file system, in worker threads ------------------------------------------------
+
+    def _list_inbox(self) -> list[str]:
+        names: list[str] = []
+        for entry in os.scandir(self.inbox):
+            if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                names.append(entry.name)
+        return names
+
+    def _identities(self, names: list[str]) -> list[tuple[int, int] | None]:
+        result: list[tuple[int, int] | None] = []
+        for name in names:
+            try:
+                info = os.lstat(self.inbox / name)
+            except FileNotFoundError:
+                result.append(None)
+                continue
+            regular = stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)
+            result.append((info.st_size, info.st_mtime_ns) if regular else None)
+        return result
+
+
+class WatchfilesWatcher(BaseWatcher):
+    """Notifications from watchfiles: inotify, or polling where inotify does not work."""
+
+    async def follow(self) -> None:
+        """Feed watchfiles' change sets to `notice`."""
+        import watchfiles
+
+        stop = anyio.Event()
+        polling = self.config.watch_mode == "poll"
+        try:
+            async for changes in watchfiles.awatch(
+                self.inbox, watch_filter=None, debounce=50, step=10, stop_event=stop,
+                recursive=False, force_polling=polling,
+                poll_delay_ms=int(self.config.poll_interval_s * 1000),
+            ):
+                self.notice(self._names(changes))
+        finally:
+            stop.set()
+
+    def _names(self, changes: set[tuple[Any, str]]) -> list[str]:
+        names = []
+        for _, path in changes:
+            relative = os.path.relpath(path, self.inbox)
+            if self.config.marker and relative.endswith(MARKER_SUFFIX):
+                relative = relative.removesuffix(MARKER_SUFFIX)
+            names.append(relative)
+        return names
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
