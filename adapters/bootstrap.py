@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import structlog
 
 from adapters.clock import SystemClock, UlidEntropy
 from adapters.executor import LocalExecutor
-from adapters.files import HotFolders
+from adapters.files import FileNotInInput, HotFolders, PathOutsideRoot
 from adapters.memory import MemoryEventStore
 from adapters.sqlite import SqliteEventStore
+from adapters.watch import BaseWatcher, Submit, WatchfilesWatcher
 from kernel.config import WorkflowConfig
 from kernel.decide import Rejected
 from kernel.manager import JobManager, Submitted, Workflow
@@ -29,6 +32,12 @@ from kernel.state import Job, StoredEvent
 from kernel.task import BaseProcessor
 
 DEFAULT_DRAIN_GRACE_S = 30.0
+log = structlog.get_logger("multiflow.kernel")
+
+
+def utc_now() -> datetime:
+    """Wall-clock UTC, for the shell's own facts (file names of rejected files)."""
+    return datetime.now(UTC)
 
 
 async def open_store(url: str | None, data_dir: Path) -> EventStore:
@@ -54,6 +63,7 @@ class Kernel:
         self.files = files
         self._tg = tg
         self._recovered: dict[str, anyio.Event] = {}
+        self.watchers: dict[str, BaseWatcher] = {}
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -101,14 +111,60 @@ class Kernel:
         processor: BaseProcessor,
         *,
         config: WorkflowConfig | None = None,
-        watcher: Any = None,
+        watcher: type[BaseWatcher] | None = None,
     ) -> Workflow:
-        """Register a workflow and create its folders; its recovery runs in the background."""
+        """Register a workflow and create its folders; its recovery runs in the background.
+
+        `watcher` is a BaseWatcher subclass for this workflow's hot folder (default:
+        WatchfilesWatcher); `start_watchers()` starts them.
+        """
         workflow = self.manager.add_workflow(name, processor, config=config, watcher=watcher)
         self.files.ensure_layout(name)
         done = self._recovered[name] = anyio.Event()
         self._tg.start_soon(self._recover, workflow, done)
         return workflow
+
+    async def start_watchers(self) -> dict[str, BaseWatcher]:
+        """Start a hot-folder watcher for every enabled workflow (the last step of start-up)."""
+        for name, workflow in self.manager.workflows.items():
+            if name in self.watchers or not workflow.config.enabled:
+                continue
+            await self.ready(name)
+            factory = workflow.watcher or WatchfilesWatcher
+            watcher = factory(name, self.files.data_dir / name / "input", workflow.config,
+                              self._watch_submit(name))
+            await self._tg.start(watcher.run)
+            self.watchers[name] = watcher
+        return self.watchers
+
+    def _watch_submit(self, workflow_name: str) -> Submit:
+        async def submit(name: str, completeness: str, key: str | None) -> str | None:
+            try:
+                submitted = await self.submit_file(
+                    workflow_name, name, completeness=completeness, idempotency_key=key)
+            except FileNotInInput:
+                return None  # gone before we got to it
+            except (PathOutsideRoot, Rejected) as exc:
+                where = await self.files.reject(workflow_name, name, str(exc), utc_now())
+                log.warning("file_rejected", workflow_name=workflow_name, name=name,
+                            reason=str(exc), moved_to=where)
+                return None
+            job = submitted.job
+            own_file = job.is_active and \
+                job.file_path == self.files.input_file_path(workflow_name, name)
+            if not submitted.created and key is not None and not own_file:
+                await self._keep_duplicate(job, name, key)  # same bytes as an earlier job
+            return job.id
+
+        return submit
+
+    async def _keep_duplicate(self, job: Job, name: str, key: str) -> None:
+        stored = await self.files.keep_duplicate(job, name, utc_now())
+        await self.manager.record_duplicate(
+            job.id, file_path=f"{job.workflow_name}/input/{name}", stored_path=stored,
+            sha256=key.removeprefix("sha256:"))
+        log.info("duplicate_received", job_id=job.id, workflow_name=job.workflow_name,
+                 name=name, stored_path=stored)
 
     async def _recover(self, workflow: Workflow, done: anyio.Event) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,11 @@ class HotFolders:
             raise FileNotInInput(f"{workflow_name}/input/{name} is not a regular file")
         return layout.input_path(workflow_name, name)
 
+    @staticmethod
+    def input_file_path(workflow_name: str, name: str) -> str:
+        """The data-root relative path of `name` in the workflow's input/ (no checks)."""
+        return layout.input_path(workflow_name, name)
+
     def absolute(self, relative: str) -> Path:
         """The absolute path of a data-root relative path; refuses anything outside the root."""
         if "\x00" in relative:
@@ -152,6 +158,30 @@ class HotFolders:
         """The processor's workspace for this attempt."""
         return FileJobContext(job, self.data_dir, self.absolute(job.current_path),
                               progress, cancelled)
+
+    async def keep_duplicate(self, job: Job, name: str, at: datetime) -> str:
+        """Move a dropped duplicate of `job`'s file out of input/; where it went (relative)."""
+        target = layout.duplicate_path(job, name, at)
+        source = self.absolute(layout.input_path(job.workflow_name, name))
+        await anyio.to_thread.run_sync(move, source, self.absolute(target))
+        return target
+
+    async def reject(self, workflow_name: str, name: str, reason: str, at: datetime) -> str:
+        """Move a file that cannot become a job (an escaping symlink, ...) to error/ with why."""
+        stamp = f"{at:%Y%m%dT%H%M%S%f}"
+        target = self.data_dir / workflow_name / "error" / f"rejected-{stamp}--{name}"
+        source = self.data_dir / workflow_name / "input" / name
+
+        def _move() -> None:
+            move(source, target)
+            report = {"workflow_name": workflow_name, "file_path": f"{workflow_name}/input/{name}",
+                      "status": "rejected", "error_type": "Rejected", "message": reason,
+                      "at": at.isoformat()}
+            write_bytes_atomic(target.with_name(target.name + ERROR_SUFFIX),
+                               msgspec.json.format(msgspec.json.encode(report)))
+
+        await anyio.to_thread.run_sync(_move)
+        return target.relative_to(self.data_dir).as_posix()
 
     # -- the moves, in a worker thread -------------------------------------------------
 

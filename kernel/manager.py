@@ -25,6 +25,7 @@ from kernel.decide import (
     CancelJob,
     CreateJob,
     FailJob,
+    RecordDuplicate,
     RefuseAtIntake,
     Rejected,
     ReportProgress,
@@ -198,6 +199,13 @@ class JobManager:
             job_id=job_id, at=self.clock.now(), actor=actor, reason=reason))
         self._admit(job)
         return job
+
+    async def record_duplicate(self, job_id: str, *, file_path: str, stored_path: str,
+                               sha256: str = "") -> Job:
+        """Record against `job_id` that an identical file was dropped again (not processed)."""
+        return await self._decide_and_append(job_id, lambda job: RecordDuplicate(
+            job_id=job_id, at=self.clock.now(), file_path=file_path, stored_path=stored_path,
+            sha256=sha256))
 
     async def get_job(self, job_id: str) -> Job | None:
         """The job as this manager or the store knows it."""
