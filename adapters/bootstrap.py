@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import structlog
 
 from adapters.clock import SystemClock, UlidEntropy
@@ -64,6 +65,8 @@ class Kernel:
         self._tg = tg
         self._recovered: dict[str, anyio.Event] = {}
         self.watchers: dict[str, BaseWatcher] = {}
+        self._api_owned: set[tuple[str, str]] = set()
+        self._watcher_scopes: list[anyio.CancelScope] = []  # uploads being placed by the API
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -133,12 +136,31 @@ class Kernel:
             factory = workflow.watcher or WatchfilesWatcher
             watcher = factory(name, self.files.data_dir / name / "input", workflow.config,
                               self._watch_submit(name))
-            await self._tg.start(watcher.run)
+            scope = anyio.CancelScope()
+            self._watcher_scopes.append(scope)
+            await self._tg.start(self._run_watcher, watcher, scope)
             self.watchers[name] = watcher
         return self.watchers
 
+    async def stop_watchers(self) -> None:
+        """Stop every watcher (first step of a shutdown: no new jobs from the folders)."""
+        for scope in self._watcher_scopes:
+            scope.cancel()
+        self._watcher_scopes.clear()
+        self.watchers.clear()
+        await anyio.lowlevel.checkpoint()
+
+    @staticmethod
+    async def _run_watcher(watcher: BaseWatcher, scope: anyio.CancelScope, *,
+                           task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                           ) -> None:
+        with scope:
+            await watcher.run(task_status=task_status)
+
     def _watch_submit(self, workflow_name: str) -> Submit:
         async def submit(name: str, completeness: str, key: str | None) -> str | None:
+            if (workflow_name, name) in self._api_owned:
+                return None  # the API is creating this file's job right now
             try:
                 submitted = await self.submit_file(
                     workflow_name, name, completeness=completeness, idempotency_key=key)
@@ -203,6 +225,29 @@ class Kernel:
         await self.ready(workflow_name)
         relative = self.input_file(workflow_name, file_path)
         return await self.manager.submit(workflow_name, relative, **options)
+
+    async def submit_upload(
+        self, workflow_name: str, filename: str, staged: Path, **options: Any
+    ) -> Submitted:
+        """Put an uploaded file (streamed to `staged`) into input/ and create its job at once.
+
+        The watcher is told to leave the name alone meanwhile, so the job gets the priority
+        and parameters the upload asked for, and never a second job.
+        """
+        if workflow_name not in self.manager.workflows:
+            raise Rejected("not_found", f"no workflow named {workflow_name!r} is registered")
+        owned = (workflow_name, filename)
+        self._api_owned.add(owned)
+        try:
+            try:
+                await anyio.to_thread.run_sync(
+                    self.files.place_upload, staged, workflow_name, filename)
+            except FileExistsError as exc:
+                raise Rejected("exists", f"{exc}; upload it under another name") from None
+            return await self.submit_file(workflow_name, filename, completeness="upload",
+                                          **options)
+        finally:
+            self._api_owned.discard(owned)
 
     def input_file(self, workflow_name: str, file_path: str) -> str:
         """The data-root relative path of a file in input/; refuses escapes and missing files."""

@@ -92,6 +92,33 @@ class HotFolders:
             raise FileNotInInput(f"{workflow_name}/input/{name} is not a regular file")
         return layout.input_path(workflow_name, name)
 
+    def staging_dir(self) -> Path:
+        """Where uploads are streamed before they are renamed into an input/ folder."""
+        path = self.data_dir / ".staging"
+        path.mkdir(exist_ok=True)
+        return path
+
+    @staticmethod
+    def check_upload_name(name: str) -> None:
+        """An uploaded file's name: one plain path segment, not hidden, not temporary."""
+        if not name or "/" in name or "\\" in name or "\x00" in name or name in (".", "..") \
+                or name.startswith(".") or len(name.encode()) > 255:
+            raise PathOutsideRoot(f"filename {name!r} must be one plain file name")
+
+    def place_upload(self, staged: Path, workflow_name: str, name: str) -> str:
+        """fsync a staged upload and rename it into input/ durably; its relative path."""
+        self.check_upload_name(name)
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        target = self.data_dir / workflow_name / "input" / name
+        if target.exists():
+            raise FileExistsError(f"{workflow_name}/input/{name} already exists")
+        move(staged, target)
+        return layout.input_path(workflow_name, name)
+
     @staticmethod
     def input_file_path(workflow_name: str, name: str) -> str:
         """The data-root relative path of `name` in the workflow's input/ (no checks)."""

@@ -1,43 +1,138 @@
-"""`multiflow run`: the server process, started and stopped in the design's order."""
+"""`multiflow run`: the server process, started and stopped in the design's order.
+
+Start: settings -> event store -> JobManager (rebuilt from the log) -> workflows
+(each recovered as it registers) -> HTTP server -> watchers.
+SIGTERM/SIGINT: stop claiming and watching, /readyz answers 503, running jobs get
+the grace period, then are recorded as interrupted; SSE streams close; exit 0.
+A second signal exits at once; recovery at the next start handles the rest.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.abc
 import click
 import structlog
+import uvicorn
 
 from adapters.bootstrap import Kernel
+from adapters.config import Settings, SettingsError, load_settings
+from adapters.discovery import register_all
+from adapters.http.app import create_app
+from adapters.http.security import ensure_tokens
+from adapters.http.state import AppState
 from adapters.logs import configure_logging
 
 log = structlog.get_logger("multiflow.run")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the runner owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 @click.command()
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("data"), show_default=True, envvar="MULTIFLOW_DATA_DIR")
-@click.option("--store", default=None, envvar="MULTIFLOW_STORE",
-              help="sqlite:///PATH or memory://; default DATA_DIR/multiflow.db.")
-@click.option("--concurrency", type=click.IntRange(1, 1024), default=1, show_default=True,
-              envvar="MULTIFLOW_CONCURRENCY", help="Jobs running at once, all workflows.")
-@click.option("--grace", "grace_s", type=float, default=30.0, show_default=True,
-              help="Seconds a running job gets to finish on SIGTERM.")
-def run(data_dir: Path, store: str | None, concurrency: int, grace_s: float) -> None:
-    """Run multiflow: the event log, the JobManager and the workflows."""
-    configure_logging()
-    anyio.run(serve, data_dir, store, concurrency, grace_s)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="A multiflow.toml (default: ./multiflow.toml if present).")
+@click.option("--data-dir", default=None, help="The data root [default: data].")
+@click.option("--store", default=None,
+              help="sqlite:///PATH or memory:// [default: DATA/multiflow.db].")
+@click.option("--host", default=None, help="Address to bind [default: 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port [default: 8000].")
+@click.option("--concurrency", type=int, default=None, help="Jobs at once, all workflows [1].")
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default=None)
+def run(config_file: Path | None, **flags: Any) -> None:
+    """Run multiflow: the event log, the JobManager, the workflows, the API and the watchers."""
+    try:
+        settings = load_settings(config_file, overrides=flags)
+        check_bind(settings)
+    except SettingsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    configure_logging(settings.log_level, settings.log_format)
+    anyio.run(serve, settings)
 
 
-async def serve(data_dir: Path, store: str | None, concurrency: int, grace_s: float) -> None:
-    """Run until SIGTERM or SIGINT; a second signal stops at once."""
-    async with Kernel.open(store=store, data_dir=data_dir, concurrency=concurrency,
-                           drain_grace_s=grace_s) as kernel:
-        log.info("started", data_dir=str(data_dir), concurrency=concurrency,
-                 workflows=sorted(kernel.manager.workflows))
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping", signal=signal.Signals(signum).name, grace_s=grace_s)
-                break
+def check_bind(settings: Settings) -> None:
+    """`auth = "off"` is accepted only on a loopback address."""
+    if settings.auth == "off" and not settings.binds_loopback():
+        raise SettingsError(f"auth = \"off\" is refused when binding {settings.host}: "
+                            "bind 127.0.0.1 or configure api_tokens")
+
+
+async def serve(settings: Settings) -> None:
+    """Run until a signal; see the module docstring for the order of things."""
+    tokens, fresh = ensure_tokens(settings)
+    if fresh:
+        print(f"multiflow: created an API token (kept in {settings.data_dir}/.api-token):\n"
+              f"  {fresh}", flush=True)
+    async with Kernel.open(store=settings.store, data_dir=settings.data_path,
+                           concurrency=settings.concurrency,
+                           aging_interval_s=settings.aging_interval_s,
+                           drain_grace_s=settings.drain_grace_s) as kernel:
+        state = AppState(kernel=kernel, settings=settings, tokens=tokens)
+        state.workflow_problems.update(register_all(kernel, settings))
+        server = _Server(uvicorn.Config(
+            create_app(state), host=settings.host, port=settings.port, log_config=None,
+            access_log=False, lifespan="off", timeout_graceful_shutdown=5))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve_http, server)
+            with anyio.fail_after(30):
+                # uvicorn offers no start-up event; it sets `started` once it listens
+                while not server.started and not server.should_exit:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            if server.should_exit:
+                raise SystemExit(f"the HTTP server could not start on "
+                                 f"{settings.host}:{settings.port}")
+            if settings.watchers:
+                await kernel.start_watchers()
+            log.info("started", url=f"http://{settings.host}:{settings.port}",
+                     data_dir=settings.data_dir, workflows=sorted(kernel.manager.workflows),
+                     problems=state.workflow_problems or None)
+            await _until_signal(server)
+            await _stop(state, server)
     log.info("stopped")
+
+
+async def _serve_http(server: _Server) -> None:
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn exits when it cannot bind; we report it and stop
+        log.error("http_server_failed")
+        server.should_exit = True
+
+
+async def _until_signal(server: _Server) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("stopping", signal=signal.Signals(signum).name)
+            signal.signal(signal.SIGTERM, _exit_now)
+            signal.signal(signal.SIGINT, _exit_now)
+            return
+        if server.should_exit:
+            return
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
+async def _stop(state: AppState, server: _Server) -> None:
+    state.draining = True
+    kernel = state.kernel
+    with anyio.CancelScope(shield=True):
+        await kernel.stop_watchers()
+        await kernel.manager.drain(state.settings.drain_grace_s)
+        state.shutdown.set()  # SSE streams end
+        server.should_exit = True

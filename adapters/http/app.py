@@ -1,0 +1,59 @@
+"""The Starlette application: routes, middleware, errors. Mountable in another ASGI app."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from adapters.http import events, jobs, openapi, ops, process
+from adapters.http.errors import handle_error, problem_response
+from adapters.http.security import RateLimit, TokenAuth
+from adapters.http.state import AppState
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """404/405 and other HTTP errors of the router, as problem documents."""
+    assert isinstance(exc, HTTPException)
+    return problem_response(exc.status_code, str(exc.detail), instance=request.url.path,
+                            headers=dict(exc.headers or {}))
+
+
+def routes() -> list[Route]:
+    """Every route of the API."""
+    return [
+        Route("/api/jobs", jobs.create_job, methods=["POST"]),
+        Route("/api/jobs", jobs.list_jobs, methods=["GET"]),
+        Route("/api/jobs/{job_id}", jobs.get_job, methods=["GET"], name="get_job"),
+        Route("/api/jobs/{job_id}/events", jobs.job_events, methods=["GET"]),
+        Route("/api/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
+        Route("/api/jobs/{job_id}/retry", jobs.retry_job, methods=["POST"]),
+        Route("/api/workflows", ops.workflows, methods=["GET"]),
+        Route("/api/queue", ops.queue, methods=["GET"]),
+        Route("/api/events", events.stream, methods=["GET"]),
+        Route("/api/{workflow_name}/process", process.process, methods=["POST"]),
+        Route("/api/{workflow_name}/status/{task_id}", jobs.workflow_status, methods=["GET"]),
+        Route("/livez", ops.livez, methods=["GET"]),
+        Route("/readyz", ops.readyz, methods=["GET"]),
+        Route("/healthz", ops.healthz, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+        Route("/docs", openapi.docs, methods=["GET"]),
+    ]
+
+
+def create_app(state: AppState) -> Starlette:
+    """The API for one running kernel; `state.settings` holds auth and limits."""
+    settings = state.settings
+    middleware = [
+        Middleware(TokenAuth, tokens=state.tokens, enabled=settings.auth == "on",
+                   metrics_public=settings.metrics_public),
+        Middleware(RateLimit, rate_per_s=settings.rate_limit_per_s,
+                   burst=settings.rate_limit_burst),
+    ]
+    app = Starlette(routes=routes(), middleware=middleware,
+                    exception_handlers={HTTPException: http_error, Exception: handle_error})
+    app.state.multiflow = state
+    return app

@@ -1,0 +1,26 @@
+"""What the HTTP app needs from the running process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from adapters.bootstrap import Kernel
+from adapters.config import Settings
+
+
+@dataclass
+class AppState:
+    """The kernel, the settings, and the process's own flags (draining, problems)."""
+
+    kernel: Kernel
+    settings: Settings
+    tokens: list[str]
+    workflow_problems: dict[str, str] = field(default_factory=dict)
+    draining: bool = False
+    shutdown: anyio.Event = field(default_factory=anyio.Event)
+    started_s: float = field(default_factory=time.monotonic)
+    scanner_ping: Callable[[], Awaitable[bool]] | None = None
