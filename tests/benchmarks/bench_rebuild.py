@@ -35,8 +35,8 @@ async def fill(path: Path, events_total: int) -> None:
         at = t0 + timedelta(milliseconds=i)
         job_id = f"job-{i:08d}"
         batch.append(Append(job_id, [
-            JobCreated(job_id=job_id, at=at, workflow_name="bench", file_path=f"bench/input/{i}.csv",
-                       priority=i % 7, params={"level": 6}),
+            JobCreated(job_id=job_id, at=at, workflow_name="bench",
+                       file_path=f"bench/input/{i}.csv", priority=i % 7, params={"level": 6}),
             JobStarted(job_id=job_id, at=at, attempt=1),
             JobCompleted(job_id=job_id, at=at, attempt=1, result={"rows": i},
                          output_paths=[f"bench/output/{i}.json"]),
