@@ -143,6 +143,33 @@ def parse_point(text: str) -> tuple[int | None, datetime | None]:
     return None, when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+@main.command()
+@click.option("--url", required=True, help="The multiflow server, e.g. http://host:8000.")
+@click.option("--workflow", "workflow_name", required=True, help="The workflow to upload to.")
+@click.option("--token", envvar="MULTIFLOW_TOKEN", default=None,
+              help="API token (or MULTIFLOW_TOKEN).")
+@click.option("--settle-ms", type=click.IntRange(0), default=500, show_default=True)
+@click.option("--marker", is_flag=True, help="Wait for NAME.done beside each file.")
+@click.option("--priority", type=click.IntRange(-100, 100), default=0, show_default=True)
+@click.option("--channel", "channel_name", default=None)
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+def watch(url: str, workflow_name: str, token: str | None, settle_ms: int, marker: bool,
+          priority: int, channel_name: str | None, folder: Path) -> None:
+    """Watch FOLDER on this machine and upload each complete file to the server."""
+    from adapters.logs import configure_logging
+    from adapters.remote import watch_remote
+
+    configure_logging()
+    try:
+        anyio.run(lambda: watch_remote(url, workflow_name, folder, token, settle_ms=settle_ms,
+                                       marker=marker, priority=priority,
+                                       channel_name=channel_name))
+    except ValueError as exc:
+        fail(str(exc), 2)
+    except KeyboardInterrupt:
+        pass
+
+
 from adapters import runner as _runner  # noqa: E402  (registers `multiflow run`)
 
 main.add_command(_runner.run)
