@@ -143,6 +143,20 @@ def parse_point(text: str) -> tuple[int | None, datetime | None]:
     return None, when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+@main.command("config")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="A multiflow.toml (default: ./multiflow.toml if present).")
+def show_config(config_file: Path | None) -> None:
+    """Print the effective settings (toml < .env < environment), secrets masked."""
+    from adapters.config import SettingsError, load_settings, masked
+
+    try:
+        settings = load_settings(config_file)
+    except SettingsError as exc:
+        fail(str(exc), 2)
+    console.print_json(data=masked(settings))
+
+
 @main.command()
 @click.option("--url", required=True, help="The multiflow server, e.g. http://host:8000.")
 @click.option("--workflow", "workflow_name", required=True, help="The workflow to upload to.")

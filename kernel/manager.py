@@ -365,13 +365,23 @@ class JobManager:
             await self._settle(await self.get_job(job.id))
             return
         self._release(job)
-        for _ in range(CONFLICT_RETRIES_MAX):
+        conflicts = 0
+        store_failures = 0
+        while True:
             events = self._outcome_events(attempt, config, outcome)
             (result,) = await self._commit([(job, events)], self._pick_claims())
             if not isinstance(result, StoreError):
                 await self._settle(self._apply(job, result))
                 return
-            await self._recover_from_failed_append(result)
+            if isinstance(result, ConcurrencyConflict):
+                conflicts += 1
+                if conflicts > CONFLICT_RETRIES_MAX:
+                    raise result
+            else:
+                # The store is full or down: the outcome must not be lost, so wait and try
+                # again (until it works, or shutdown cancels us and recovery takes over).
+                store_failures += 1
+                await anyio.sleep(min(STORE_RETRY_MAX_S, 0.1 * 2**min(store_failures, 6)))
             fresh = await self.store.get_job(job.id)
             if fresh is None or fresh.status is not Status.RUNNING or \
                     fresh.attempts != job.attempts:
@@ -397,11 +407,6 @@ class JobManager:
                               error_type=outcome.error_type, message=outcome.message,
                               traceback=outcome.traceback, retry_at=when)
         return events + decide(job, command)
-
-    async def _recover_from_failed_append(self, error: StoreError) -> None:
-        if not isinstance(error, ConcurrencyConflict):
-            # The store is down or full: wait and try again (bounded by shutdown).
-            await anyio.sleep(STORE_RETRY_MAX_S if not self._claiming else 0.5)
 
     async def _settle(self, job: Job | None) -> None:
         if job is None:
@@ -451,9 +456,13 @@ class JobManager:
             self.queue.push(current)
             self._wake()
             return
-        refused = await self._decide_and_append(job.id, lambda j: RefuseAtIntake(
-            job_id=j.id, at=self.clock.now(), error_type=refusal.error_type,
-            message=refusal.message))
+        try:
+            refused = await self._decide_and_append(job.id, lambda j: RefuseAtIntake(
+                job_id=j.id, at=self.clock.now(), error_type=refusal.error_type,
+                message=refusal.message))
+        except StoreError:
+            self._tg_start(self._readmit_later, job.id, STORE_RETRY_MAX_S)  # full or down
+            return
         await self._settle_file(refused)
 
     async def _readmit_later(self, job_id: str, delay_s: float) -> None:
@@ -464,28 +473,27 @@ class JobManager:
 
     async def recover(self, workflow: Workflow) -> None:
         """Fail the workflow's jobs left running as Interrupted, reconcile files, queue."""
-        active = await self.store.active_jobs(workflow.name)
-        for job in active:
+        finished: list[Job] = []  # jobs whose attempts the interruption used up
+        for job in await self.store.active_jobs(workflow.name):
             if job.status is Status.RUNNING and job.id not in self._running:
-                at = self.clock.now()
-                when = retry_at(workflow.config, job.attempts, "Interrupted", at,
-                                self.entropy.random())
-                await self._decide_and_append(job.id, lambda j, when=when, at=at: FailJob(
-                    job_id=j.id, at=at, attempt=j.attempts, error_type="Interrupted",
-                    message="the process running this job stopped before it finished",
-                    retry_at=when))
+                interrupted = await self._interrupt(job, workflow.config)
+                if not interrupted.is_active:
+                    finished.append(interrupted)
         active = await self.store.active_jobs(workflow.name)
         await self.files.reconcile(workflow.name, active, self.store.get_job)
-        for job in await self.store.active_jobs(workflow.name):
+        for job in active:
             self._jobs[job.id] = job
             self._admit(job)
-        for job in await self._terminal_unsettled(active):
+        for job in finished:
             await self._settle_file(job)
 
-    async def _terminal_unsettled(self, jobs: Sequence[Job]) -> list[Job]:
-        # Jobs that went terminal during recovery (attempts exhausted) need their move.
-        found = [await self.store.get_job(job.id) for job in jobs]
-        return [job for job in found if job is not None and not job.is_active]
+    async def _interrupt(self, job: Job, config: WorkflowConfig) -> Job:
+        at = self.clock.now()
+        when = retry_at(config, job.attempts, "Interrupted", at, self.entropy.random())
+        return await self._decide_and_append(job.id, lambda j: FailJob(
+            job_id=j.id, at=at, attempt=j.attempts, error_type="Interrupted",
+            message="the process running this job stopped before it finished",
+            retry_at=when))
 
     async def _refresh_pending(self, job_id: str) -> None:
         """A claim lost its race: follow whatever the log now says of the job."""
@@ -517,7 +525,10 @@ class JobManager:
                 appends.append(Append(attempt.job.id, decide(attempt.job, ReportProgress(
                     job_id=attempt.job.id, at=at, attempt=attempt.job.attempts,
                     fraction=fraction, message=message)), attempt.job.version))
-            results = await self.store.append_batch(appends)
+            try:
+                results = await self.store.append_batch(appends)
+            except StoreError:
+                continue  # progress is best effort; the next flush tries again
             for attempt, result in zip(due, results, strict=True):
                 if not isinstance(result, StoreError) and not attempt.finishing:
                     attempt.job = self._apply(attempt.job, result)

@@ -86,9 +86,14 @@ def seed(inbox: Path, count: int, marker: Path) -> None:
     marker.write_text("ok\n")
 
 
+def inbox_names(inbox: Path) -> list[str]:
+    """The files in input/ now, by name."""
+    return sorted(p.name for p in inbox.iterdir() if p.is_file())
+
+
 async def submit_inbox(kernel: Kernel, inbox: Path) -> tuple[int, int, int]:
     """Submit every file still in input/; (created, existing, gone meanwhile)."""
-    names = sorted(p.name for p in inbox.iterdir() if p.is_file())
+    names = await anyio.to_thread.run_sync(inbox_names, inbox)
     counts = [0, 0, 0]
     limiter = anyio.Semaphore(SUBMIT_CONCURRENCY)
 

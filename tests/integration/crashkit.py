@@ -7,6 +7,7 @@ child has exited), the folders and the outputs. Its oracle for the read model is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -47,20 +48,18 @@ async def start_child(command: list[str], log_path: Path) -> anyio.abc.Process:
 
 
 async def kill_when(process: anyio.abc.Process, due: Callable[[], Awaitable[bool]],
-                    poll_s: float = 0.005) -> bool:
-    """SIGKILL the child once `due()` says so; False if it exited on its own first."""
-    while process.returncode is None:
-        if await due():
-            try:
-                os.kill(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # it exited between the check and the kill
-            code = await process.wait()
-            await process.aclose()
-            return code == -signal.SIGKILL
-        await anyio.sleep(poll_s)
-    await process.aclose()
-    return False
+                    poll_s: float = 0.005) -> int:
+    """SIGKILL the child once `due()` says so; its exit code (-SIGKILL when the kill landed)."""
+    try:
+        while process.returncode is None:
+            if await due():
+                with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                    os.kill(process.pid, signal.SIGKILL)
+                break
+            await anyio.sleep(poll_s)
+        return await process.wait()
+    finally:
+        await process.aclose()
 
 
 async def finish(process: anyio.abc.Process, timeout_s: float) -> int:
