@@ -143,6 +143,28 @@ def parse_point(text: str) -> tuple[int | None, datetime | None]:
     return None, when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+@main.command("new-workflow")
+@click.argument("name")
+@click.option("--workflows-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, envvar="MULTIFLOW_WORKFLOWS_DIR",
+              help="Where to create it [default: the workflows_dir setting, ./workflows].")
+def new_workflow_command(name: str, workflows_dir: Path | None) -> None:
+    """Create a working workflow package NAME (processor, task, config, a test)."""
+    from adapters.scaffold import ScaffoldError, new_workflow
+
+    try:
+        written = new_workflow(name, workflows_dir or Path("workflows"))
+    except ScaffoldError as exc:
+        fail(str(exc), 2)
+    root = written[0].parent
+    console.print(f"created the workflow [bold]{name}[/] in {root}/:")
+    for path in written:
+        console.print(f"  {path.relative_to(root)}")
+    console.print(f"next: edit {root}/processor.py, run its test with "
+                  f"[bold]python -m pytest {root}/tests[/], then [bold]multiflow run[/] and drop "
+                  f"a file into data/{name}/input/")
+
+
 @main.command("config")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="A multiflow.toml (default: ./multiflow.toml if present).")
