@@ -23,6 +23,8 @@ from adapters.clock import SystemClock, UlidEntropy
 from adapters.executor import LocalExecutor
 from adapters.files import FileNotInInput, HotFolders, PathOutsideRoot
 from adapters.memory import MemoryEventStore
+from adapters.metrics import Metrics
+from adapters.observe import Observer
 from adapters.sqlite import SqliteEventStore
 from adapters.watch import BaseWatcher, Submit, WatchfilesWatcher
 from kernel.config import WorkflowConfig
@@ -65,6 +67,8 @@ class Kernel:
         self._tg = tg
         self._recovered: dict[str, anyio.Event] = {}
         self.watchers: dict[str, BaseWatcher] = {}
+        self.metrics: Metrics | None = None
+        self.observer: Observer | None = None
         self._api_owned: set[tuple[str, str]] = set()
         self._watcher_scopes: list[anyio.CancelScope] = []  # uploads being placed by the API
 
@@ -88,14 +92,21 @@ class Kernel:
         await anyio.Path(root).mkdir(parents=True, exist_ok=True)
         event_store = store if not isinstance(store, str | None) else await open_store(store, root)
         files = HotFolders(root)
+        metrics = Metrics()
+        observer = Observer(event_store, metrics)
+        if isinstance(event_store, SqliteEventStore):
+            event_store.commit_observer = metrics.observe_commit
         manager = JobManager(event_store, files, executor or LocalExecutor(),
                              clock=clock or SystemClock(), entropy=entropy or UlidEntropy(),
                              concurrency=concurrency, aging_interval_s=aging_interval_s,
                              worker_name=worker_name)
         try:
             async with anyio.create_task_group() as tg:
+                await tg.start(observer.run)  # before any append, so its counts are exact
                 await tg.start(manager.run)
                 kernel = cls(manager, event_store, files, tg)
+                kernel.metrics, kernel.observer = metrics, observer
+                metrics.watch_kernel(kernel)
                 try:
                     yield kernel
                 finally:

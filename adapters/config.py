@@ -54,6 +54,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     disk_free_min_bytes: int = 100 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    log_file_max_bytes: int = 10 * 1024 * 1024  # per-workflow files in DATA_DIR/logs/
+    log_file_backups: int = 5
     workflows_dir: str = "workflows"
     workflow_entries: list[str] = msgspec.field(default_factory=list)  # "module:attr"
     watchers: bool = True

@@ -192,7 +192,7 @@ def _allows(entry: str, sniffed: Sniffed, name: str) -> bool:
     if "/" in entry:
         return sniffed.matches_mime(entry)
     entry = entry if entry.startswith(".") else f".{entry}"
-    return name.lower().endswith(entry) and sniffed.matches_extension(suffix_of(entry))
+    return name.lower().endswith(entry) and sniffed.matches_extension(entry.rsplit(".", 1)[1])
 
 
 # -- completeness ------------------------------------------------------------------------

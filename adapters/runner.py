@@ -60,7 +60,10 @@ def run(config_file: Path | None, **flags: Any) -> None:
     except SettingsError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format,
+                      log_dir=settings.data_path / "logs",
+                      file_max_bytes=settings.log_file_max_bytes,
+                      file_backups=settings.log_file_backups)
     anyio.run(serve, settings)
 
 

@@ -36,6 +36,7 @@ def routes() -> list[Route]:
         Route("/api/events", events.stream, methods=["GET"]),
         Route("/api/{workflow_name}/process", process.process, methods=["POST"]),
         Route("/api/{workflow_name}/status/{task_id}", jobs.workflow_status, methods=["GET"]),
+        Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/livez", ops.livez, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/healthz", ops.healthz, methods=["GET"]),

@@ -50,6 +50,15 @@ async def queue(request: Request) -> Response:
         claiming=manager.claiming))
 
 
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text format (needs a token unless metrics_public)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    registry = app_state(request).kernel.metrics
+    body = generate_latest(registry.registry) if registry is not None else b""
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 async def livez(request: Request) -> Response:
     """GET /livez: the process answers."""
     return json_response({"status": "alive"})

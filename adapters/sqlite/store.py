@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,8 @@ class SqliteEventStore:
         self._notifier = Notifier()
         self._limiter = anyio.CapacityLimiter(1)
         self._closed = False
+        # Called with (seconds, events) after each group commit (metrics); must not raise.
+        self.commit_observer: Callable[[float, int], None] | None = None
 
     @classmethod
     async def open(cls, path: str | Path, *, readonly: bool = False) -> SqliteEventStore:
@@ -194,6 +196,7 @@ class SqliteEventStore:
             accepted.append(request)
         if not accepted:
             return
+        started = time.perf_counter()
         try:
             self._commit(batch)
         except sqlite3.Error as exc:
@@ -204,6 +207,8 @@ class SqliteEventStore:
                 request.result, request.error = [], error
             return
         self._ledger.commit(batch)
+        if self.commit_observer is not None:
+            self.commit_observer(time.perf_counter() - started, len(batch.rows))
 
     def _commit(self, batch: Batch) -> None:
         assert self._writer is not None

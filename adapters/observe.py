@@ -1,0 +1,139 @@
+"""The observer: a consumer of the event log that writes the logs and feeds the metrics.
+
+The kernel never logs: its events are its log. This consumer tails them and
+turns each into a structured log line (bound to job_id, workflow_name and
+attempt) and metric updates, with one canonical line per finished job
+(status, duration, wait, attempts, error).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import anyio
+import anyio.abc
+import structlog
+
+from adapters.metrics import Metrics
+from kernel.events import (
+    JobCancelled,
+    JobCompleted,
+    JobCreated,
+    JobFailed,
+    JobRetried,
+    JobStarted,
+    event_tag,
+)
+from kernel.ports import EventStore, StoreError
+from kernel.state import Job, Status, StoredEvent, apply
+
+log = structlog.get_logger("multiflow.jobs")
+
+
+class Observer:
+    """Tails the log from where it stood at start; keeps per-status job gauges right."""
+
+    def __init__(self, store: EventStore, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.last_seq = 0
+        self._active: dict[str, Job] = {}
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Seed the gauges from the read model, then follow every new event."""
+        self.last_seq = await self.store.last_seq()
+        for (workflow, status), count in (await self.store.count_jobs()).items():
+            self.metrics.jobs.labels(workflow, status).set(count)
+        for job in await self.store.active_jobs():
+            self._active[job.id] = job
+        task_status.started()
+        while True:
+            try:
+                async for stored in self.store.tail(self.last_seq):
+                    await self.observe(stored)
+                    self.last_seq = stored.seq
+            except StoreError:
+                await anyio.sleep(1.0)  # the store is closing or down: try again
+
+    async def observe(self, stored: StoredEvent) -> None:
+        """Log one event and update the metrics it moves."""
+        before = self._active.get(stored.job_id) or await self._load(stored)
+        if before is not None and before.version >= stored.version:
+            return  # seen already (the job was loaded after this event committed)
+        job = apply(before, stored)
+        if job.is_active:
+            self._active[job.id] = job
+        else:
+            self._active.pop(job.id, None)
+        self._count(before, job)
+        self._log(stored, job)
+
+    async def _load(self, stored: StoredEvent) -> Job | None:
+        if isinstance(stored.event, JobCreated):
+            return None
+        events = await self.store.read_job(stored.job_id)
+        job = None
+        for earlier in events:
+            if earlier.seq >= stored.seq:
+                break
+            job = apply(job, earlier)
+        return job
+
+    def _count(self, before: Job | None, job: Job) -> None:
+        if before is not None and before.status is job.status:
+            return
+        if before is not None:
+            self.metrics.jobs.labels(before.workflow_name, str(before.status)).dec()
+        self.metrics.jobs.labels(job.workflow_name, str(job.status)).inc()
+
+    def _log(self, stored: StoredEvent, job: Job) -> None:
+        event, workflow = stored.event, job.workflow_name
+        bound = log.bind(job_id=job.id, workflow_name=workflow, attempt=job.attempts,
+                         seq=stored.seq)
+        match event:
+            case JobStarted():
+                if event.attempt == 1:
+                    self.metrics.intake.labels(workflow, "accepted", "").inc()
+                    self.metrics.wait.labels(workflow).observe(_seconds(job.created_at, event.at))
+                bound.info("job_started", priority=job.priority)
+            case JobFailed():
+                self._failed(bound, event, job)
+            case JobCompleted() | JobCancelled():
+                self._finished(bound, job)
+            case JobCreated():
+                bound.info("job_created", file_path=job.file_path, priority=job.priority,
+                           channel_name=job.channel_name, completeness=job.completeness)
+            case JobRetried():
+                bound.info("job_retried", actor=event.actor, reason=event.reason)
+            case _:
+                bound.debug(event_tag(event).replace(".", "_"))
+
+    def _failed(self, bound: structlog.typing.FilteringBoundLogger, event: JobFailed,
+                job: Job) -> None:
+        self.metrics.failures.labels(job.workflow_name, event.error_type).inc()
+        if event.attempt == 0:
+            self.metrics.intake.labels(job.workflow_name, "refused", event.error_type).inc()
+        if event.retry_at is not None:
+            bound.warning("job_attempt_failed", error_type=event.error_type,
+                          error=event.message, retry_at=event.retry_at.isoformat())
+        else:
+            self._finished(bound, job)
+
+    def _finished(self, bound: structlog.typing.FilteringBoundLogger, job: Job) -> None:
+        status = str(job.status)
+        self.metrics.finished.labels(job.workflow_name, status).inc()
+        duration_s = _seconds(job.started_at, job.finished_at)
+        if job.started_at is not None:
+            self.metrics.duration.labels(job.workflow_name).observe(duration_s)
+        level = bound.info if job.status is Status.COMPLETED else bound.warning
+        level("job_finished", status=status, duration_s=round(duration_s, 3),
+              wait_s=round(_seconds(job.created_at, job.started_at or job.finished_at), 3),
+              attempts=job.attempts, error_type=job.error.type if job.error else None,
+              error=job.error.message if job.error else None)
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float:
+    if start is None or end is None:
+        return 0.0
+    return max(0.0, (end - start).total_seconds())
