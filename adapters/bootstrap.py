@@ -19,9 +19,11 @@ import anyio.abc
 import anyio.lowlevel
 import structlog
 
+from adapters.clamd import ClamdClient, ScannerSettings
 from adapters.clock import SystemClock, UlidEntropy
 from adapters.executor import LocalExecutor
 from adapters.files import FileNotInInput, HotFolders, PathOutsideRoot
+from adapters.intake import IntakeChecker
 from adapters.memory import MemoryEventStore
 from adapters.metrics import Metrics
 from adapters.observe import Observer
@@ -68,6 +70,7 @@ class Kernel:
         self._recovered: dict[str, anyio.Event] = {}
         self.watchers: dict[str, BaseWatcher] = {}
         self.metrics: Metrics | None = None
+        self.scanner: ClamdClient | None = None
         self.observer: Observer | None = None
         self._api_owned: set[tuple[str, str]] = set()
         self._watcher_scopes: list[anyio.CancelScope] = []  # uploads being placed by the API
@@ -86,12 +89,14 @@ class Kernel:
         entropy: Entropy | None = None,
         executor: Executor | None = None,
         worker_name: str = "",
+        scanner: ScannerSettings | None = None,
     ) -> AsyncIterator[Kernel]:
         """Open the store, start the manager; on exit drain running jobs and close the store."""
         root = Path(data_dir)
         await anyio.Path(root).mkdir(parents=True, exist_ok=True)
         event_store = store if not isinstance(store, str | None) else await open_store(store, root)
-        files = HotFolders(root)
+        scanner_client = ClamdClient(scanner) if scanner is not None else None
+        files = HotFolders(root, IntakeChecker(scanner_client))
         metrics = Metrics()
         observer = Observer(event_store, metrics)
         if isinstance(event_store, SqliteEventStore):
@@ -106,6 +111,7 @@ class Kernel:
                 await tg.start(manager.run)
                 kernel = cls(manager, event_store, files, tg)
                 kernel.metrics, kernel.observer = metrics, observer
+                kernel.scanner = scanner_client
                 metrics.watch_kernel(kernel)
                 try:
                     yield kernel
@@ -133,15 +139,22 @@ class Kernel:
         WatchfilesWatcher); `start_watchers()` starts them.
         """
         workflow = self.manager.add_workflow(name, processor, config=config, watcher=watcher)
+        if workflow.config.scan and self.scanner is None:
+            log.warning("scan_without_scanner", workflow_name=name,
+                        hint="its jobs wait until a scanner is configured (scanner setting)")
         self.files.ensure_layout(name)
         done = self._recovered[name] = anyio.Event()
         self._tg.start_soon(self._recover, workflow, done)
         return workflow
 
     async def start_watchers(self) -> dict[str, BaseWatcher]:
-        """Start a hot-folder watcher for every enabled workflow (the last step of start-up)."""
+        """Start a hot-folder watcher for every workflow (the last step of start-up).
+
+        A disabled workflow's watcher still turns files into jobs; they wait until it is
+        enabled again.
+        """
         for name, workflow in self.manager.workflows.items():
-            if name in self.watchers or not workflow.config.enabled:
+            if name in self.watchers:
                 continue
             await self.ready(name)
             factory = workflow.watcher or WatchfilesWatcher

@@ -71,6 +71,14 @@ class ClamdClient:
         if reply != "PONG":
             raise ScannerUnavailable(f"clamd answered PING with {reply!r}")
 
+    async def reachable(self) -> bool:
+        """Whether clamd answers PONG now (for /readyz); never raises ScannerUnavailable."""
+        try:
+            await self.ping()
+        except ScannerUnavailable:
+            return False
+        return True
+
     async def scan_file(self, path: Path) -> Refusal | None:
         """Infected or TooLarge as a Refusal, None when clean; ScannerUnavailable when unsure."""
         limit = self.settings.stream_max_bytes
@@ -85,19 +93,31 @@ class ClamdClient:
 
     async def _instream(self, path: Path) -> str:
         """Stream the file in length-prefixed chunks and return clamd's reply."""
-        chunk_bytes, limit = self.settings.chunk_bytes, self.settings.stream_max_bytes
-        sent_bytes = 0
         async with await anyio.open_file(path, "rb") as file, await self._connect() as stream:
             await self._send(stream, b"zINSTREAM\0")
-            while chunk := await file.read(chunk_bytes):
-                sent_bytes += len(chunk)
-                if sent_bytes > limit:
-                    raise _OverLimit(sent_bytes)
-                if not await self._send(stream, len(chunk).to_bytes(4, "big") + chunk):
-                    break  # clamd hung up (it does past its StreamMaxLength): its reply says why
-            else:
-                await self._send(stream, b"\0\0\0\0")
-            return await self._reply(stream)
+            sent_bytes, whole = await self._send_chunks(stream, file)
+            try:
+                return await self._reply(stream)
+            except ScannerUnavailable as error:
+                if whole:
+                    raise
+                # Over TCP a hang-up with unread data resets the connection, losing the reply.
+                raise ScannerUnavailable(
+                    f"clamd hung up after {sent_bytes} bytes without a reply; is "
+                    "ScannerSettings.stream_max_bytes above clamd's StreamMaxLength?") from error
+
+    async def _send_chunks(self, stream: anyio.abc.SocketStream,
+                           file: anyio.AsyncFile[bytes]) -> tuple[int, bool]:
+        """Send the file and the terminator; the bytes sent, and False if clamd hung up first."""
+        chunk_bytes, limit = self.settings.chunk_bytes, self.settings.stream_max_bytes
+        sent_bytes = 0
+        while chunk := await file.read(chunk_bytes):
+            sent_bytes += len(chunk)
+            if sent_bytes > limit:
+                raise _OverLimit(sent_bytes)
+            if not await self._send(stream, len(chunk).to_bytes(4, "big") + chunk):
+                return sent_bytes, False  # clamd hung up (past its StreamMaxLength)
+        return sent_bytes, await self._send(stream, b"\0\0\0\0")
 
     async def _connect(self) -> anyio.abc.SocketStream:
         settings = self.settings

@@ -16,21 +16,12 @@ from typing import Any, Literal
 import msgspec
 from dotenv import dotenv_values
 
+from adapters.clamd import ScannerSettings
 from kernel.config import WorkflowConfig
 
 ENV_PREFIX = "MULTIFLOW_"
 SECRET_KEYS = frozenset({"api_tokens"})
 LIST_KEYS = frozenset({"api_tokens", "workflow_entries"})
-
-
-class ScannerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Where clamd listens (a unix socket, or a TCP port on 127.0.0.1)."""
-
-    socket: str | None = None
-    host: str = "127.0.0.1"
-    port: int | None = None
-    stream_max_bytes: int = 25 * 1024 * 1024
-    timeout_s: float = 30.0
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -60,6 +51,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     workflow_entries: list[str] = msgspec.field(default_factory=list)  # "module:attr"
     watchers: bool = True
     scanner: ScannerSettings | None = None
+    archive_retention_days: int = 30  # archive/ days and duplicates older than this go; 0: keep
+    cleanup_interval_s: float = 86400.0  # how often the server runs that cleanup
     workflows: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +64,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                "rate and burst must be positive")
         _check(self.body_max_bytes >= 1024, "body_max_bytes", "must be at least 1024")
         _check(self.sse_queue_max >= 1, "sse_queue_max", "must be at least 1")
+        _check(self.archive_retention_days >= 0, "archive_retention_days",
+               "must not be negative (0 keeps the archive for ever)")
+        _check(self.cleanup_interval_s >= 60, "cleanup_interval_s", "must be at least 60")
         for token in self.api_tokens:
             _check(bool(token_secret(token)), "api_tokens", "a token's secret may not be empty")
 
@@ -151,7 +147,10 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         values[key] = [p.strip() for p in raw.split(",") if p.strip()] if key in LIST_KEYS \
             else raw
     if "MULTIFLOW_SCANNER_SOCKET" in env:
-        values["scanner"] = {"socket": env["MULTIFLOW_SCANNER_SOCKET"]}
+        values["scanner"] = {"socket_path": env["MULTIFLOW_SCANNER_SOCKET"]}
+    elif "MULTIFLOW_SCANNER_PORT" in env:
+        values["scanner"] = {"port": env["MULTIFLOW_SCANNER_PORT"],
+                             "host": env.get("MULTIFLOW_SCANNER_HOST", "127.0.0.1")}
     return values
 
 

@@ -96,13 +96,13 @@ class Observer:
                 if event.attempt == 1:
                     self.metrics.intake.labels(workflow, "accepted", "").inc()
                     self.metrics.wait.labels(workflow).observe(_seconds(job.created_at, event.at))
-                bound.info("job_started", priority=job.priority)
+                bound.debug("job_started", priority=job.priority)
             case JobFailed():
                 self._failed(bound, event, job)
             case JobCompleted() | JobCancelled():
                 self._finished(bound, job)
             case JobCreated():
-                bound.info("job_created", file_path=job.file_path, priority=job.priority,
+                bound.debug("job_created", file_path=job.file_path, priority=job.priority,
                            channel_name=job.channel_name, completeness=job.completeness)
             case JobRetried():
                 bound.info("job_retried", actor=event.actor, reason=event.reason)

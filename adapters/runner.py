@@ -83,8 +83,10 @@ async def serve(settings: Settings) -> None:
     async with Kernel.open(store=settings.store, data_dir=settings.data_path,
                            concurrency=settings.concurrency,
                            aging_interval_s=settings.aging_interval_s,
-                           drain_grace_s=settings.drain_grace_s) as kernel:
-        state = AppState(kernel=kernel, settings=settings, tokens=tokens)
+                           drain_grace_s=settings.drain_grace_s,
+                           scanner=settings.scanner) as kernel:
+        state = AppState(kernel=kernel, settings=settings, tokens=tokens,
+                         scanner_ping=kernel.scanner.reachable if kernel.scanner else None)
         state.workflow_problems.update(register_all(kernel, settings))
         server = _Server(uvicorn.Config(
             create_app(state), host=settings.host, port=settings.port, log_config=None,

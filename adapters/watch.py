@@ -30,6 +30,7 @@ log = structlog.get_logger("multiflow.watch")
 IGNORED = (".*", "*.tmp", "*.part", "*.crdownload", "*.multiflow-tmp", "*.error.json")
 MARKER_SUFFIX = ".done"
 RESTART_BACKOFF_MAX_S = 30.0
+SUBMITS_IN_FLIGHT = 64
 
 # submit(name, completeness, idempotency_key) -> job id, or None when the file was refused
 Submit = Callable[[str, str, str | None], Awaitable[str | None]]
@@ -148,6 +149,7 @@ class BaseWatcher:
         now = time.monotonic()
         settle_s = self.config.settle_ms / 1000
         next_s = 1.0
+        ready: list[tuple[str, tuple[int, int]]] = []
         for name, identity in zip(names, identities, strict=True):
             seen = self._waiting.get(name)
             if seen is None:
@@ -160,10 +162,27 @@ class BaseWatcher:
             ready_in_s = self._ready_in_s(name, seen, now, settle_s)
             if ready_in_s <= 0:
                 del self._waiting[name]
-                await self._submit(name, identity)
+                ready.append((name, identity))
             else:
                 next_s = min(next_s, ready_in_s)
+        await self._submit_all(ready)
         return next_s
+
+    async def _submit_all(self, ready: list[tuple[str, tuple[int, int]]]) -> None:
+        # Submits in flight together share the log's group commit: a burst of files
+        # becomes jobs in a few commits instead of one commit each.
+        if len(ready) == 1:
+            await self._submit(*ready[0])
+            return
+        limit = anyio.Semaphore(SUBMITS_IN_FLIGHT)
+
+        async def one(name: str, identity: tuple[int, int]) -> None:
+            async with limit:
+                await self._submit(name, identity)
+
+        async with anyio.create_task_group() as tg:
+            for name, identity in ready:
+                tg.start_soon(one, name, identity)
 
     def _ready_in_s(self, name: str, seen: _Seen, now: float, settle_s: float) -> float:
         if self.config.marker:
