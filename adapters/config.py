@@ -17,6 +17,7 @@ import msgspec
 from dotenv import dotenv_values
 
 from adapters.clamd import ScannerSettings
+from adapters.notify.settings import AlertRule, WebhookTarget
 from kernel.config import WorkflowConfig
 
 ENV_PREFIX = "MULTIFLOW_"
@@ -54,6 +55,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     archive_retention_days: int = 30  # archive/ days and duplicates older than this go; 0: keep
     cleanup_interval_s: float = 86400.0  # how often the server runs that cleanup
     workflows: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    webhooks: list[WebhookTarget] = msgspec.field(default_factory=list)
+    alerts: list[AlertRule] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "port", "must be within 1..65535")
@@ -69,6 +72,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         _check(self.cleanup_interval_s >= 60, "cleanup_interval_s", "must be at least 60")
         for token in self.api_tokens:
             _check(bool(token_secret(token)), "api_tokens", "a token's secret may not be empty")
+        names = [target.name for target in self.webhooks]
+        _check(len(names) == len(set(names)), "webhooks", "names must be unique")
+        for rule in self.alerts:
+            unknown = sorted(set(rule.targets) - set(names))
+            _check(not unknown, "alerts", f"rule {rule.name} names unknown webhooks {unknown}")
 
     @property
     def data_path(self) -> Path:
@@ -142,7 +150,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX):
             continue
         key = name.removeprefix(ENV_PREFIX).lower()
-        if key not in known or key in ("workflows", "scanner"):
+        if key not in known or key in ("workflows", "scanner", "webhooks", "alerts"):
             continue
         values[key] = [p.strip() for p in raw.split(",") if p.strip()] if key in LIST_KEYS \
             else raw
@@ -170,4 +178,6 @@ def masked(settings: Settings) -> dict[str, Any]:
     """The settings as a dict with secrets masked (for `multiflow config`)."""
     data: dict[str, Any] = msgspec.to_builtins(settings)
     data["api_tokens"] = [f"{token_name(t)}:****" for t in settings.api_tokens]
+    for target in data["webhooks"]:
+        target["secret"] = "****"
     return data

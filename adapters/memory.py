@@ -9,6 +9,7 @@ import anyio
 import msgspec
 
 from adapters.ledger import Ledger
+from adapters.notify.records import AlertRecord, DeadLetter
 from kernel.chain import ChainRow
 from kernel.events import Event, encode_event, event_tag
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreUnavailable
@@ -44,6 +45,9 @@ class MemoryEventStore:
         self._ledger = Ledger()
         self._notifier = Notifier()
         self._closed = False
+        self._checkpoints: dict[str, int] = {}
+        self._dead: dict[int, DeadLetter] = {}
+        self._alerts: list[AlertRecord] = []
 
     async def append(
         self, job_id: str, events: Sequence[Event], expected_version: int
@@ -147,6 +151,37 @@ class MemoryEventStore:
             key = (job.workflow_name, str(job.status))
             counts[key] = counts.get(key, 0) + 1
         return counts
+
+    async def get_checkpoint(self, name: str) -> int:
+        """The seq a consumer has handled up to (0 if it never ran)."""
+        return self._checkpoints.get(name, 0)
+
+    async def set_checkpoint(self, name: str, seq: int) -> None:
+        """Record that the consumer `name` has handled every event up to `seq`."""
+        self._checkpoints[name] = seq
+
+    async def add_dead_letter(self, letter: DeadLetter) -> None:
+        """Keep a delivery that exhausted its attempts (once per target and seq)."""
+        if any((d.target, d.seq) == (letter.target, letter.seq) for d in self._dead.values()):
+            return
+        letter_id = max(self._dead, default=0) + 1
+        self._dead[letter_id] = msgspec.structs.replace(letter, id=letter_id)
+
+    async def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The dead letters, oldest first."""
+        return [self._dead[k] for k in sorted(self._dead)][:limit]
+
+    async def remove_dead_letter(self, letter_id: int) -> None:
+        """Forget a dead letter (it was redelivered)."""
+        self._dead.pop(letter_id, None)
+
+    async def record_alert(self, record: AlertRecord) -> None:
+        """Keep an alert that fired or cleared."""
+        self._alerts.append(msgspec.structs.replace(record, id=len(self._alerts) + 1))
+
+    async def list_alerts(self, limit: int = 100) -> list[AlertRecord]:
+        """The alerts, newest first."""
+        return list(reversed(self._alerts))[:limit]
 
     async def close(self) -> None:
         """Refuse further appends."""

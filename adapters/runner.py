@@ -30,6 +30,7 @@ from adapters.http.app import create_app
 from adapters.http.security import ensure_tokens
 from adapters.http.state import AppState
 from adapters.logs import configure_logging
+from adapters.notify.service import start_notifications
 
 log = structlog.get_logger("multiflow.run")
 
@@ -88,6 +89,7 @@ async def serve(settings: Settings) -> None:
         state = AppState(kernel=kernel, settings=settings, tokens=tokens,
                          scanner_ping=kernel.scanner.reachable if kernel.scanner else None)
         state.workflow_problems.update(register_all(kernel, settings))
+        state.alerts = await start_notifications(kernel, settings)
         server = _Server(uvicorn.Config(
             create_app(state), host=settings.host, port=settings.port, log_config=None,
             access_log=False, lifespan="off", timeout_graceful_shutdown=5))

@@ -21,7 +21,8 @@ _REJECTED_STATUS = {"not_found": 404, "invalid": 422, "exists": 409,
                     "invalid_transition": 409, "stale_attempt": 409, "conflict": 409}
 _TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict",
            413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
-           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
+           429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+           503: "Service Unavailable",
            507: "Insufficient Storage"}
 
 

@@ -10,7 +10,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 
 from adapters.http.errors import ApiError
-from adapters.http.jobs import app_state, event_out
+from adapters.http.jobs import app_state
+from adapters.http.schemas import event_out
 
 SEND_TIMEOUT_S = 10.0  # a client that cannot take an event this fast is disconnected
 PING_S = 15.0

@@ -12,21 +12,19 @@ from starlette.responses import Response
 from adapters.http.errors import ApiError
 from adapters.http.schemas import (
     CreateJob,
-    EventOut,
     JobList,
     JobOut,
     Limit,
     Reason,
     WorkflowStatus,
+    event_out,
 )
 from adapters.http.security import read_body
 from adapters.http.state import AppState
-from kernel.events import encode_event
 from kernel.ports import JobQuery
 from kernel.state import Status
 
 _json = msgspec.json.Encoder()
-_event_data = msgspec.json.Decoder(dict[str, Any])
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -104,16 +102,6 @@ async def job_events(request: Request) -> Response:
     if not events:
         raise ApiError(404, f"job {job_id} does not exist")
     return json_response([event_out(e) for e in events])
-
-
-def event_out(stored: Any) -> EventOut:
-    """The API view of a stored event."""
-    data = _event_data.decode(encode_event(stored.event))
-    kind = data.pop("type")
-    data.pop("job_id", None)
-    data.pop("at", None)
-    return EventOut(seq=stored.seq, job_id=stored.job_id, version=stored.version, type=kind,
-                    at=stored.event.at, hash=stored.hash, data=data)
 
 
 async def cancel_job(request: Request) -> Response:

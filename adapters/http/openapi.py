@@ -9,10 +9,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from adapters.http import schemas as s
+from adapters.http.notifications import AlertsOut
+from adapters.notify.records import DeadLetter
 
 REF = "#/components/schemas/{name}"
 _MODELS = (s.JobOut, s.JobList, s.CreateJob, s.Reason, s.EventOut, s.WorkflowStatus,
-           s.WorkflowOut, s.QueueOut, s.Health, s.Problem)
+           s.WorkflowOut, s.QueueOut, s.Health, s.Problem, DeadLetter, AlertsOut)
 
 
 def _ref(model: type) -> dict[str, str]:
@@ -107,6 +109,15 @@ def _operations() -> dict[str, dict[str, Any]]:
                                   "content": {"text/event-stream": {"schema": {
                                       "type": "string"}}}},
                           **{k: v for k, v in _answers(200, None, 422).items() if k != "200"}}}},
+        "/api/notifications/dead": {"get": {
+            "summary": "Webhook deliveries that exhausted their attempts",
+            "responses": _answers(200, {"type": "array", "items": _ref(DeadLetter)}, 404)}},
+        "/api/notifications/dead/{letter_id}/redeliver": {"post": {
+            "summary": "Send a dead letter again, now",
+            "parameters": [_param("letter_id", "path", {"type": "string"})],
+            "responses": _answers(200, {"type": "object"}, 404, 409, 502)}},
+        "/api/alerts": {"get": {"summary": "Alert rules firing now, and their history",
+                                "responses": _answers(200, _ref(AlertsOut), 404)}},
         "/livez": {"get": {"summary": "Liveness", "security": [],
                            "responses": {"200": {"description": "alive"}}}},
         "/readyz": {"get": {"summary": "Readiness (503 while draining)", "security": [],

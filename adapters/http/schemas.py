@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from kernel.events import PRIORITY_MAX, PRIORITY_MIN
-from kernel.state import Job, Status
+from kernel.events import PRIORITY_MAX, PRIORITY_MIN, encode_event
+from kernel.state import Job, Status, StoredEvent
 
 Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX,
                                         description="-100..100, higher runs first")]
@@ -144,3 +144,16 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     detail: str
     field: str | None = None
     instance: str | None = None
+
+
+_event_data = msgspec.json.Decoder(dict[str, Any])
+
+
+def event_out(stored: StoredEvent) -> EventOut:
+    """The API view of a stored event."""
+    data = _event_data.decode(encode_event(stored.event))
+    kind = data.pop("type")
+    data.pop("job_id", None)
+    data.pop("at", None)
+    return EventOut(seq=stored.seq, job_id=stored.job_id, version=stored.version, type=kind,
+                    at=stored.event.at, hash=stored.hash, data=data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -24,3 +25,4 @@ class AppState:
     shutdown: anyio.Event = field(default_factory=anyio.Event)
     started_s: float = field(default_factory=time.monotonic)
     scanner_ping: Callable[[], Awaitable[bool]] | None = None
+    alerts: Any = None  # the AlertEngine, when alert rules are configured

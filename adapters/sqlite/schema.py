@@ -56,6 +56,27 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX jobs_by_channel ON jobs (channel_name, created_seq);
     """,
+    # 3: notifications: deliveries that never succeeded, and the alerts that fired.
+    """
+    CREATE TABLE dead_letters (
+        id         INTEGER PRIMARY KEY,
+        target     TEXT    NOT NULL,
+        seq        INTEGER NOT NULL,
+        job_id     TEXT    NOT NULL,
+        event_type TEXT    NOT NULL,
+        attempts   INTEGER NOT NULL,
+        last_error TEXT    NOT NULL,
+        created_at TEXT    NOT NULL,
+        UNIQUE (target, seq)
+    );
+    CREATE TABLE alerts (
+        id     INTEGER PRIMARY KEY,
+        rule   TEXT NOT NULL,
+        state  TEXT NOT NULL,
+        at     TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

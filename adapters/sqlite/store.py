@@ -23,6 +23,7 @@ import msgspec
 
 from adapters.ledger import Batch, Ledger
 from adapters.memory import Notifier, decode_cursor, page_of
+from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.sqlite import schema
 from adapters.sqlite.lock import WriterLock
 from kernel.chain import GENESIS, ChainRow
@@ -262,6 +263,67 @@ class SqliteEventStore:
             "SELECT id FROM jobs WHERE workflow_name = ? AND idempotency_key = ?",
             (workflow_name, key)).fetchone()
         return row[0] if row else None
+
+    # -- notifier state (beside the log, written through the same single writer) --------
+
+    async def get_checkpoint(self, name: str) -> int:
+        """The seq a consumer has handled up to (0 if it never ran)."""
+        rows = await self._fetch("SELECT seq FROM checkpoints WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
+
+    async def set_checkpoint(self, name: str, seq: int) -> None:
+        """Record that the consumer `name` has handled every event up to `seq`."""
+        await self._side_write(
+            "INSERT INTO checkpoints (name, seq, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+            (name, seq, datetime.now(UTC).isoformat()))
+
+    async def add_dead_letter(self, letter: DeadLetter) -> None:
+        """Keep a delivery that exhausted its attempts (once per target and seq)."""
+        await self._side_write(
+            "INSERT OR IGNORE INTO dead_letters (target, seq, job_id, event_type, attempts, "
+            "last_error, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (letter.target, letter.seq, letter.job_id, letter.event_type, letter.attempts,
+             letter.last_error, letter.created_at.isoformat()))
+
+    async def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The dead letters, oldest first."""
+        rows = await self._fetch(
+            "SELECT id, target, seq, job_id, event_type, attempts, last_error, created_at "
+            "FROM dead_letters ORDER BY id LIMIT ?", (limit,))
+        return [DeadLetter(id=r[0], target=r[1], seq=r[2], job_id=r[3], event_type=r[4],
+                           attempts=r[5], last_error=r[6],
+                           created_at=datetime.fromisoformat(r[7])) for r in rows]
+
+    async def remove_dead_letter(self, letter_id: int) -> None:
+        """Forget a dead letter (it was redelivered)."""
+        await self._side_write("DELETE FROM dead_letters WHERE id = ?", (letter_id,))
+
+    async def record_alert(self, record: AlertRecord) -> None:
+        """Keep an alert that fired or cleared."""
+        await self._side_write(
+            "INSERT INTO alerts (rule, state, at, detail) VALUES (?, ?, ?, ?)",
+            (record.rule, record.state, record.at.isoformat(), record.detail))
+
+    async def list_alerts(self, limit: int = 100) -> list[AlertRecord]:
+        """The alerts, newest first."""
+        rows = await self._fetch(
+            "SELECT id, rule, state, at, detail FROM alerts ORDER BY id DESC LIMIT ?", (limit,))
+        return [AlertRecord(id=r[0], rule=r[1], state=r[2], at=datetime.fromisoformat(r[3]),
+                            detail=r[4]) for r in rows]
+
+    async def _side_write(self, sql: str, params: tuple[object, ...]) -> None:
+        if self._closed or self._writer is None:
+            raise StoreUnavailable(f"the store {self.path} is closed or read-only")
+        writer = self._writer
+
+        def write() -> None:
+            try:
+                writer.execute(sql, params)
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from exc
+
+        await anyio.to_thread.run_sync(write, limiter=self._limiter)
 
     # -- rebuild -----------------------------------------------------------------------
 

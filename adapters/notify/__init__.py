@@ -1,0 +1,1 @@
+"""Notifications: webhooks and alerts driven from the event log."""
