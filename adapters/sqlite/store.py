@@ -21,6 +21,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
+from adapters.groupcommit import GroupCommitter, PendingAppend
 from adapters.ledger import Batch, Ledger
 from adapters.memory import Notifier, decode_cursor, page_of
 from adapters.notify.records import AlertRecord, DeadLetter
@@ -51,27 +52,6 @@ def micros(at: datetime) -> int:
     return (at - _EPOCH) // _MICROSECOND
 
 
-class _Append:
-    __slots__ = ("error", "events", "expected_version", "job_id", "result")
-
-    def __init__(self, job_id: str, events: Sequence[Event], expected_version: int) -> None:
-        self.job_id = job_id
-        self.events = events
-        self.expected_version = expected_version
-        self.result: list[StoredEvent] = []
-        self.error: StoreError | None = None
-
-
-class _Group:
-    """The appends that will be written together, and the event their callers wait on."""
-
-    __slots__ = ("done", "requests")
-
-    def __init__(self) -> None:
-        self.requests: list[_Append] = []
-        self.done = anyio.Event()
-
-
 def connect_writer(path: Path) -> sqlite3.Connection:
     """The writer's connection, with its durability pragmas set explicitly."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -92,9 +72,7 @@ class SqliteEventStore:
         self._reader = reader
         self._lock = lock
         self._ledger = Ledger()
-        self._group = _Group()
-        self._leading = False
-        self._drained = anyio.Event()
+        self._committer = GroupCommitter(self._write_group, self._notify)
         self._notifier = Notifier()
         self._limiter = anyio.CapacityLimiter(1)
         self._closed = False
@@ -142,51 +120,23 @@ class SqliteEventStore:
         """Several appends in the same transaction; each succeeds or fails on its own."""
         if self._closed or self._writer is None:
             raise StoreUnavailable(f"the store {self.path} is closed or read-only")
-        requests = [_Append(a.job_id, a.events, a.expected_version) for a in appends]
-        group = self._group
-        group.requests.extend(requests)
-        if self._leading:
-            await group.done.wait()
-        else:
-            await self._lead()
-        return [r.error if r.error is not None else r.result for r in requests]
+        return await self._committer.submit(appends)
 
-    async def _lead(self) -> None:
-        self._leading = True
-        try:
-            # A group once started must finish: its appenders wait on it.
-            with anyio.CancelScope(shield=True):
-                await anyio.lowlevel.checkpoint()  # let appends issued beside us join
-                while self._group.requests:
-                    group, self._group = self._group, _Group()
-                    await self._write_group(group)
-                    # The appenders just woken often append again at once: let them join.
-                    await anyio.lowlevel.checkpoint()
-        finally:
-            self._leading = False
-            self._drained.set()
-            self._drained = anyio.Event()
+    def _notify(self) -> None:
+        self._notifier.notify()
 
-    async def _write_group(self, group: _Group) -> None:
-        try:
-            await anyio.to_thread.run_sync(self._write_all, group.requests, limiter=self._limiter)
-        except Exception as exc:  # a bug or a driver failure: no appender may hang on it
-            for request in group.requests:
-                if not request.result and request.error is None:
-                    request.error = StoreUnavailable(f"append failed: {exc!r}")
-        finally:
-            group.done.set()
-            self._notifier.notify()
+    async def _write_group(self, requests: list[PendingAppend]) -> None:
+        await anyio.to_thread.run_sync(self._write_all, requests, limiter=self._limiter)
 
-    def _write_all(self, requests: list[_Append]) -> None:
+    def _write_all(self, requests: list[PendingAppend]) -> None:
         for start in range(0, len(requests), BATCH_APPENDS_MAX):
             self._write(requests[start : start + BATCH_APPENDS_MAX])
 
-    def _write(self, requests: list[_Append]) -> None:
+    def _write(self, requests: list[PendingAppend]) -> None:
         assert self._writer is not None
         known = self._prefetch(requests)
         batch = self._ledger.begin(known.get, self._load_key)
-        accepted: list[_Append] = []
+        accepted: list[PendingAppend] = []
         for request in requests:
             try:
                 rows = batch.prepare(request.job_id, request.events, request.expected_version)
@@ -243,7 +193,7 @@ class SqliteEventStore:
             f"SELECT body FROM jobs WHERE status IN {_ACTIVE_SQL}").fetchall()
         self._ledger.load_active([_job_decoder.decode(body) for (body,) in active])
 
-    def _prefetch(self, requests: list[_Append]) -> dict[str, Job]:
+    def _prefetch(self, requests: list[PendingAppend]) -> dict[str, Job]:
         # One query for every job of the batch the ledger does not hold (not active).
         assert self._writer is not None
         wanted = list({r.job_id for r in requests if r.job_id not in self._ledger.active})
@@ -331,7 +281,7 @@ class SqliteEventStore:
         """Drop the read model and replay the whole log into it, in one transaction."""
         if self._writer is None:
             raise StoreUnavailable("rebuild needs the store opened for writing")
-        if self._leading or self._group.requests:
+        if self._committer.busy:
             raise StoreUnavailable("rebuild while appends are in flight")
         report = await anyio.to_thread.run_sync(self._rebuild, limiter=self._limiter)
         self._load_ledger()
@@ -441,8 +391,7 @@ class SqliteEventStore:
         if self._closed:
             return
         self._closed = True  # refuse new appends; the leader drains what is queued
-        if self._leading:
-            await self._drained.wait()
+        await self._committer.drained()
         await self._reader.close()
         if self._writer is not None:
             writer = self._writer
