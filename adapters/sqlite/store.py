@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ import msgspec
 
 from adapters.groupcommit import GroupCommitter, PendingAppend
 from adapters.ledger import Batch, Ledger
-from adapters.memory import Notifier, decode_cursor, page_of
+from adapters.memory import Notifier, page_of
 from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.sqlite import schema
 from adapters.sqlite.lock import WriterLock
+from adapters.sqlrows import ACTIVE_SQL, JOB_COLUMNS, job_decoder, job_row, where_clause
 from kernel.chain import GENESIS, ChainRow
 from kernel.events import Event, JobCreated, decode_event
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
@@ -34,22 +35,6 @@ from kernel.state import Job, StoredEvent, apply
 
 BATCH_APPENDS_MAX = 1024
 REBUILD_CHUNK = 50_000
-_job_decoder = msgspec.json.Decoder(Job)
-_job_encoder = msgspec.json.Encoder()
-_ACTIVE_SQL = "('pending', 'running')"
-_JOB_COLUMNS = (
-    "id, workflow_name, file_path, status, channel_name, priority, idempotency_key, "
-    "created_us, updated_us, created_seq, seq, version, body"
-)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def micros(at: datetime) -> int:
-    """A datetime as integer microseconds since the epoch (exact; sortable in SQL)."""
-    return (at - _EPOCH) // _MICROSECOND
 
 
 def connect_writer(path: Path) -> sqlite3.Connection:
@@ -169,14 +154,14 @@ class SqliteEventStore:
              row.stored.event.at.isoformat(), row.payload.decode(), row.stored.hash)
             for row in batch.rows
         ]
-        jobs = [_job_row(job) for job in batch.jobs.values()]
+        jobs = [job_row(job) for job in batch.jobs.values()]
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
                 "INSERT INTO events (seq, job_id, version, type, at, payload, hash) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)", events)
             conn.executemany(
-                f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) "
+                f"INSERT OR REPLACE INTO jobs ({JOB_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", jobs)
             conn.execute("COMMIT")
         except BaseException:
@@ -190,8 +175,8 @@ class SqliteEventStore:
             "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         self._ledger = Ledger(row[0], row[1]) if row else Ledger(0, GENESIS)
         active = self._writer.execute(
-            f"SELECT body FROM jobs WHERE status IN {_ACTIVE_SQL}").fetchall()
-        self._ledger.load_active([_job_decoder.decode(body) for (body,) in active])
+            f"SELECT body FROM jobs WHERE status IN {ACTIVE_SQL}").fetchall()
+        self._ledger.load_active([job_decoder.decode(body) for (body,) in active])
 
     def _prefetch(self, requests: list[PendingAppend]) -> dict[str, Job]:
         # One query for every job of the batch the ledger does not hold (not active).
@@ -203,7 +188,7 @@ class SqliteEventStore:
             marks = ",".join("?" * len(chunk))
             rows = self._writer.execute(f"SELECT body FROM jobs WHERE id IN ({marks})", chunk)
             for (body,) in rows:
-                job = _job_decoder.decode(body)
+                job = job_decoder.decode(body)
                 known[job.id] = job
         return known
 
@@ -355,7 +340,7 @@ class SqliteEventStore:
         """The active job that owns a file."""
         return await self._one_job(
             f"SELECT body FROM jobs WHERE workflow_name = ? AND file_path = ? "
-            f"AND status IN {_ACTIVE_SQL}", (workflow_name, file_path))
+            f"AND status IN {ACTIVE_SQL}", (workflow_name, file_path))
 
     async def find_by_key(self, workflow_name: str, idempotency_key: str) -> Job | None:
         """The job created with this idempotency key."""
@@ -365,20 +350,20 @@ class SqliteEventStore:
 
     async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
         """Pending and running jobs, oldest first."""
-        sql = f"SELECT body FROM jobs WHERE status IN {_ACTIVE_SQL}"
+        sql = f"SELECT body FROM jobs WHERE status IN {ACTIVE_SQL}"
         params: tuple[object, ...] = ()
         if workflow_name is not None:
             sql, params = sql + " AND workflow_name = ?", (workflow_name,)
         rows = await self._fetch(sql + " ORDER BY created_seq", params)
-        return [_job_decoder.decode(body) for (body,) in rows]
+        return [job_decoder.decode(body) for (body,) in rows]
 
     async def list_jobs(self, query: JobQuery) -> JobPage:
         """A page of jobs, newest first, after the cursor."""
-        where, params = _where(query)
+        where, params = where_clause(query, "?")
         rows = await self._fetch(
             f"SELECT body FROM jobs {where} ORDER BY created_seq DESC LIMIT ?",
             (*params, query.limit + 1))
-        return page_of([_job_decoder.decode(body) for (body,) in rows], query.limit)
+        return page_of([job_decoder.decode(body) for (body,) in rows], query.limit)
 
     async def count_jobs(self) -> dict[tuple[str, str], int]:
         """Jobs per (workflow, status)."""
@@ -417,7 +402,7 @@ class SqliteEventStore:
 
     async def _one_job(self, sql: str, params: tuple[object, ...]) -> Job | None:
         rows = list(await self._fetch(sql, params))
-        return _job_decoder.decode(rows[0][0]) if rows else None
+        return job_decoder.decode(rows[0][0]) if rows else None
 
 
 class RebuildReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -460,13 +445,13 @@ class _Refold:
         row = self.conn.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise StoreError(f"the log has events of job {job_id} before its JobCreated")
-        return _job_decoder.decode(row[0])
+        return job_decoder.decode(row[0])
 
     def _flush(self) -> None:
         self.conn.executemany(
-            f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) "
+            f"INSERT OR REPLACE INTO jobs ({JOB_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [_job_row(job) for job in self.done.values()])
+            [job_row(job) for job in self.done.values()])
         self.done.clear()
 
     def finish(self) -> int:
@@ -474,32 +459,6 @@ class _Refold:
         self.active.clear()
         self._flush()
         return self.jobs
-
-
-def _job_row(job: Job) -> tuple[object, ...]:
-    return (
-        job.id, job.workflow_name, job.file_path, str(job.status), job.channel_name,
-        job.priority, job.idempotency_key, micros(job.created_at), micros(job.updated_at),
-        job.created_seq, job.seq, job.version, _job_encoder.encode(job).decode(),
-    )
-
-
-def _where(query: JobQuery) -> tuple[str, list[object]]:
-    clauses: list[str] = []
-    params: list[object] = []
-    before = decode_cursor(query.cursor)
-    for clause, value in (
-        ("created_seq < ?", before),
-        ("workflow_name = ?", query.workflow_name),
-        ("status = ?", None if query.status is None else str(query.status)),
-        ("channel_name = ?", query.channel_name),
-        ("created_us >= ?", None if query.created_after is None else micros(query.created_after)),
-        ("created_us < ?", None if query.created_before is None else micros(query.created_before)),
-    ):
-        if value is not None:
-            clauses.append(clause)
-            params.append(value)
-    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:

@@ -7,9 +7,11 @@ such as Postgres, can derive a schema or database name from it).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,50 @@ async def open_sqlite(path: Path) -> EventStore:
     return await SqliteEventStore.open(path)
 
 
+def postgres_url() -> str:
+    """The server the PostgreSQL tests use (MULTIFLOW_TEST_POSTGRES, default local trust auth)."""
+    return os.environ.get("MULTIFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def require_postgres() -> None:
+    """Skip with a reason when no PostgreSQL answers; in CI a missing server is a failure."""
+    try:
+        import psycopg
+
+        with psycopg.connect(postgres_url(), connect_timeout=3):
+            pass
+    except Exception as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {postgres_url()} is required in CI: {exc}")
+        pytest.skip(f"no PostgreSQL at {postgres_url()}: {exc}")
+
+
+async def open_postgres(path: Path) -> EventStore:
+    """The PostgreSQL store in a schema named after the test's path (dropped at session end)."""
+    from adapters.postgres import PostgresEventStore
+
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
+    name = f"mf_test_{digest}"
+    _SCHEMAS.add(name)
+    return await PostgresEventStore.open(f"{postgres_url()}?schema={name}")
+
+
+_SCHEMAS: set[str] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def drop_test_schemas() -> Iterator[None]:
+    """Drop the schemas the PostgreSQL tests made."""
+    yield
+    if not _SCHEMAS:
+        return
+    import psycopg
+
+    with psycopg.connect(postgres_url(), autocommit=True) as conn:
+        for name in _SCHEMAS:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
 def nothing_required() -> None:
     """The backend needs nothing beyond the project itself."""
 
@@ -71,6 +117,7 @@ class Backend:
 BACKENDS = (
     Backend("memory", open_memory, persistent=False),
     Backend("sqlite", open_sqlite, persistent=True, require=require_sqlite),
+    Backend("postgres", open_postgres, persistent=True, require=require_postgres),
 )
 
 

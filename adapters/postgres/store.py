@@ -1,0 +1,380 @@
+"""The EventStore on PostgreSQL (psycopg 3, async, pooled): one log for several nodes.
+
+Appends are serialised across every node by `LOCK TABLE events IN EXCLUSIVE MODE`
+inside the appending transaction (as the `eventsourcing` library does): the
+appender reads the head (seq, hash) under the lock, so seq is gapless, readers
+never see N+1 before N, and the hash chain stays one chain. Readers take no
+lock. Within a node, appends issued together share one transaction (group
+commit); each is checked against the rows read under the lock, so a claim by
+expected version is decided by the database, whichever node makes it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import anyio
+import psycopg
+import psycopg.errors
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from adapters.groupcommit import GroupCommitter, PendingAppend
+from adapters.ledger import Batch, Ledger
+from adapters.memory import Notifier, page_of
+from adapters.notify.records import AlertRecord, DeadLetter
+from adapters.postgres import schema
+from adapters.sqlrows import ACTIVE_SQL, JOB_COLUMNS, job_decoder, job_row, where_clause
+from kernel.chain import ChainRow
+from kernel.events import JobCreated, JobRetried, decode_event
+from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
+from kernel.state import Job, StoredEvent
+
+_UPSERT_JOB = (
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES "
+    "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+    "status = EXCLUDED.status, channel_name = EXCLUDED.channel_name, "
+    "priority = EXCLUDED.priority, updated_us = EXCLUDED.updated_us, seq = EXCLUDED.seq, "
+    "version = EXCLUDED.version, body = EXCLUDED.body")
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+NOTIFY_CHANNEL = "multiflow_events"
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """The libpq URL without our `schema=` parameter, and that schema (default `multiflow`)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    name = query.pop("schema", "multiflow")
+    if not _SCHEMA_NAME.match(name):
+        raise ValueError(f"schema {name!r} must match {_SCHEMA_NAME.pattern}")
+    return urlunsplit(parts._replace(query=urlencode(query))), name
+
+
+def translate(exc: Exception, where: str) -> StoreError:
+    """The store's own error for a driver error."""
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return StoreFull(f"the database server's disk is full; nothing was written: {exc}")
+    if isinstance(exc, psycopg.errors.IntegrityError):
+        return StoreError(f"the log refused the append: {exc}")
+    if isinstance(exc, psycopg.OperationalError | PoolTimeout | psycopg.InterfaceError):
+        return StoreUnavailable(f"PostgreSQL at {where} is unreachable: {exc}")
+    return StoreError(f"PostgreSQL at {where} failed: {exc}")
+
+
+class PostgresEventStore:
+    """The EventStore on PostgreSQL; see the module docstring for the write path."""
+
+    def __init__(self, pool: AsyncConnectionPool, where: str, schema_name: str) -> None:
+        self._pool = pool
+        self.where = where
+        self.schema_name = schema_name
+        self._notifier = Notifier()
+        self._committer = GroupCommitter(self._write_group, self._notifier.notify)
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str, *, pool_max: int = 10) -> PostgresEventStore:
+        """Connect, create the schema if needed and migrate it (one node at a time)."""
+        conninfo, schema_name = split_url(url)
+        where = urlsplit(conninfo).netloc.rpartition("@")[2] or "localhost"
+
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(sql.SQL("SET search_path TO {}").format(
+                sql.Identifier(schema_name)))
+
+        pool = AsyncConnectionPool(conninfo, min_size=1, max_size=pool_max, open=False,
+                                   kwargs={"autocommit": True}, configure=configure,
+                                   timeout=10.0)
+        try:
+            await pool.open(wait=True, timeout=10.0)
+            await _migrate(pool, schema_name)
+        except (psycopg.Error, PoolTimeout) as exc:
+            await pool.close()
+            raise translate(exc, where) from exc
+        return cls(pool, where, schema_name)
+
+    # -- writes ----------------------------------------------------------------------
+
+    async def append(self, job_id: str, events: Sequence[Any], expected_version: int
+                     ) -> list[StoredEvent]:
+        """Append atomically (see the EventStore port)."""
+        (result,) = await self.append_batch([Append(job_id, events, expected_version)])
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[list[StoredEvent] | StoreError]:
+        """Several appends in one transaction; each succeeds or fails on its own."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        return await self._committer.submit(appends)
+
+    async def _write_group(self, requests: list[PendingAppend]) -> None:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+                batch = await self._prepare(conn, requests)
+                if batch.rows:
+                    await self._insert(conn, batch)
+        except (psycopg.Error, PoolTimeout) as exc:
+            error = translate(exc, self.where)
+            for request in requests:
+                if request.error is None:
+                    request.result, request.error = [], error
+
+    async def _prepare(self, conn: psycopg.AsyncConnection[Any],
+                       requests: list[PendingAppend]) -> Batch:
+        head = await (await conn.execute(
+            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")).fetchone()
+        ledger = Ledger(head[0], head[1]) if head else Ledger()
+        known = await self._jobs_by_id(conn, {r.job_id for r in requests})
+        ledger.files.update(await self._file_owners(conn, requests, known))
+        keys = await self._key_owners(conn, requests)
+        batch = ledger.begin(known.get, lambda wf, key: keys.get((wf, key)))
+        for request in requests:
+            try:
+                rows = batch.prepare(request.job_id, request.events, request.expected_version)
+            except StoreError as exc:
+                request.error = exc
+                continue
+            request.result = [row.stored for row in rows]
+        return batch
+
+    async def _insert(self, conn: psycopg.AsyncConnection[Any], batch: Batch) -> None:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO events (seq, job_id, version, type, at, payload, hash) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                [(r.stored.seq, r.stored.job_id, r.stored.version, r.type_tag,
+                  r.stored.event.at.isoformat(), r.payload.decode(), r.stored.hash)
+                 for r in batch.rows])
+            await cur.executemany(_UPSERT_JOB, [job_row(job) for job in batch.jobs.values()])
+        await conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(batch.last_seq)))
+
+    async def _jobs_by_id(self, conn: psycopg.AsyncConnection[Any], ids: set[str]
+                          ) -> dict[str, Job]:
+        rows = await (await conn.execute(
+            "SELECT body FROM jobs WHERE id = ANY(%s)", (list(ids),))).fetchall()
+        jobs = [job_decoder.decode(body) for (body,) in rows]
+        return {job.id: job for job in jobs}
+
+    async def _file_owners(self, conn: psycopg.AsyncConnection[Any],
+                           requests: list[PendingAppend], known: dict[str, Job]
+                           ) -> dict[tuple[str, str], str]:
+        wanted: set[tuple[str, str]] = set()
+        for request in requests:
+            for event in request.events:
+                if isinstance(event, JobCreated):
+                    wanted.add((event.workflow_name, event.file_path))
+                elif isinstance(event, JobRetried) and request.job_id in known:
+                    job = known[request.job_id]
+                    wanted.add((job.workflow_name, job.file_path))
+        if not wanted:
+            return {}
+        workflows, paths = zip(*wanted, strict=True)
+        rows = await (await conn.execute(
+            f"SELECT workflow_name, file_path, id FROM jobs WHERE status IN {ACTIVE_SQL} "
+            "AND (workflow_name, file_path) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            (list(workflows), list(paths)))).fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    async def _key_owners(self, conn: psycopg.AsyncConnection[Any],
+                          requests: list[PendingAppend]) -> dict[tuple[str, str], str]:
+        wanted = {(e.workflow_name, e.idempotency_key) for r in requests for e in r.events
+                  if isinstance(e, JobCreated) and e.idempotency_key is not None}
+        if not wanted:
+            return {}
+        workflows, keys = zip(*wanted, strict=True)
+        rows = await (await conn.execute(
+            "SELECT workflow_name, idempotency_key, id FROM jobs WHERE (workflow_name, "
+            "idempotency_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            (list(workflows), list(keys)))).fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def _fetch(self, query: str, params: Sequence[object] = ()) -> list[Any]:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        try:
+            async with self._pool.connection() as conn:
+                return await (await conn.execute(query, params)).fetchall()
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise translate(exc, self.where) from exc
+
+    async def read_job(self, job_id: str) -> list[StoredEvent]:
+        """Every event of one job, in version order."""
+        return _stored(await self._fetch(
+            "SELECT seq, job_id, version, payload, hash FROM events WHERE job_id = %s "
+            "ORDER BY version", (job_id,)))
+
+    async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Up to `limit` events with seq > `after`, in seq order."""
+        return _stored(await self._fetch(
+            "SELECT seq, job_id, version, payload, hash FROM events WHERE seq > %s "
+            "ORDER BY seq LIMIT %s", (after, limit)))
+
+    async def read_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
+        """Raw rows for the hash chain: the payload bytes exactly as stored."""
+        rows = await self._fetch(
+            "SELECT seq, job_id, version, type, payload, hash FROM events WHERE seq > %s "
+            "ORDER BY seq LIMIT %s", (after, limit))
+        return [ChainRow(r[0], r[1], r[2], r[3], r[4].encode(), r[5]) for r in rows]
+
+    async def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """Every event after `after`, then each new one as it is committed (any node)."""
+        while True:
+            batch = await self.read_all(after, 1000)
+            for stored in batch:
+                yield stored
+                after = stored.seq
+            if not batch:
+                # Our own commits wake us at once; other nodes' are polled for.
+                await self._notifier.wait(0.2)
+
+    async def last_seq(self) -> int:
+        """The newest committed seq (0 when empty)."""
+        rows = await self._fetch("SELECT coalesce(max(seq), 0) FROM events")
+        return int(rows[0][0])
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The read-model row of one job."""
+        return _one(await self._fetch("SELECT body FROM jobs WHERE id = %s", (job_id,)))
+
+    async def find_active(self, workflow_name: str, file_path: str) -> Job | None:
+        """The active job that owns a file."""
+        return _one(await self._fetch(
+            f"SELECT body FROM jobs WHERE workflow_name = %s AND file_path = %s "
+            f"AND status IN {ACTIVE_SQL}", (workflow_name, file_path)))
+
+    async def find_by_key(self, workflow_name: str, idempotency_key: str) -> Job | None:
+        """The job created with this idempotency key."""
+        return _one(await self._fetch(
+            "SELECT body FROM jobs WHERE workflow_name = %s AND idempotency_key = %s",
+            (workflow_name, idempotency_key)))
+
+    async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
+        """Pending and running jobs, oldest first."""
+        query = f"SELECT body FROM jobs WHERE status IN {ACTIVE_SQL}"
+        params: tuple[object, ...] = ()
+        if workflow_name is not None:
+            query, params = query + " AND workflow_name = %s", (workflow_name,)
+        rows = await self._fetch(query + " ORDER BY created_seq", params)
+        return [job_decoder.decode(body) for (body,) in rows]
+
+    async def list_jobs(self, query: JobQuery) -> JobPage:
+        """A page of jobs, newest first, after the cursor."""
+        where, params = where_clause(query, "%s")
+        rows = await self._fetch(
+            f"SELECT body FROM jobs {where} ORDER BY created_seq DESC LIMIT %s",
+            (*params, query.limit + 1))
+        return page_of([job_decoder.decode(body) for (body,) in rows], query.limit)
+
+    async def count_jobs(self) -> dict[tuple[str, str], int]:
+        """Jobs per (workflow, status)."""
+        rows = await self._fetch(
+            "SELECT workflow_name, status, count(*) FROM jobs GROUP BY workflow_name, status")
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    # -- notifier state ----------------------------------------------------------------
+
+    async def get_checkpoint(self, name: str) -> int:
+        """The seq a consumer has handled up to (0 if it never ran)."""
+        rows = await self._fetch("SELECT seq FROM checkpoints WHERE name = %s", (name,))
+        return int(rows[0][0]) if rows else 0
+
+    async def set_checkpoint(self, name: str, seq: int) -> None:
+        """Record that the consumer `name` has handled every event up to `seq`."""
+        await self._execute(
+            "INSERT INTO checkpoints (name, seq, updated_at) VALUES (%s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET seq = EXCLUDED.seq, updated_at = EXCLUDED.updated_at",
+            (name, seq, datetime.now(UTC).isoformat()))
+
+    async def add_dead_letter(self, letter: DeadLetter) -> None:
+        """Keep a delivery that exhausted its attempts (once per target and seq)."""
+        await self._execute(
+            "INSERT INTO dead_letters (target, seq, job_id, event_type, attempts, last_error, "
+            "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (letter.target, letter.seq, letter.job_id, letter.event_type, letter.attempts,
+             letter.last_error, letter.created_at.isoformat()))
+
+    async def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The dead letters, oldest first."""
+        rows = await self._fetch(
+            "SELECT id, target, seq, job_id, event_type, attempts, last_error, created_at "
+            "FROM dead_letters ORDER BY id LIMIT %s", (limit,))
+        return [DeadLetter(id=r[0], target=r[1], seq=r[2], job_id=r[3], event_type=r[4],
+                           attempts=r[5], last_error=r[6],
+                           created_at=datetime.fromisoformat(r[7])) for r in rows]
+
+    async def remove_dead_letter(self, letter_id: int) -> None:
+        """Forget a dead letter (it was redelivered)."""
+        await self._execute("DELETE FROM dead_letters WHERE id = %s", (letter_id,))
+
+    async def record_alert(self, record: AlertRecord) -> None:
+        """Keep an alert that fired or cleared."""
+        await self._execute("INSERT INTO alerts (rule, state, at, detail) VALUES (%s, %s, %s, %s)",
+                            (record.rule, record.state, record.at.isoformat(), record.detail))
+
+    async def list_alerts(self, limit: int = 100) -> list[AlertRecord]:
+        """The alerts, newest first."""
+        rows = await self._fetch(
+            "SELECT id, rule, state, at, detail FROM alerts ORDER BY id DESC LIMIT %s", (limit,))
+        return [AlertRecord(id=r[0], rule=r[1], state=r[2], at=datetime.fromisoformat(r[3]),
+                            detail=r[4]) for r in rows]
+
+    async def _execute(self, query: str, params: Sequence[object]) -> None:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute(query, params)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise translate(exc, self.where) from exc
+
+    async def close(self) -> None:
+        """Finish queued appends, then close the pool."""
+        if self._closed:
+            return
+        await self._committer.drained()
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._pool.close()
+
+
+async def _migrate(pool: AsyncConnectionPool, schema_name: str) -> None:
+    async with pool.connection() as conn, conn.transaction():
+        # One node migrates at a time; the others wait here and find it done.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('multiflow-migrate'))")
+        await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+            sql.Identifier(schema_name)))
+        await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(
+            sql.Identifier(schema_name)))
+        await conn.execute(schema.META_TABLE)
+        row = await (await conn.execute(
+            "SELECT value FROM multiflow_meta WHERE key = 'schema_version'")).fetchone()
+        found = int(row[0]) if row else 0
+        if found > schema.SCHEMA_VERSION:
+            raise StoreError(f"the log has schema {found}; this multiflow knows up to "
+                             f"{schema.SCHEMA_VERSION}: upgrade it")
+        for number in range(found + 1, schema.SCHEMA_VERSION + 1):
+            for statement in schema.MIGRATIONS[number - 1].split(";"):
+                if statement.strip():
+                    await conn.execute(statement)
+        await conn.execute(
+            "INSERT INTO multiflow_meta (key, value) VALUES ('schema_version', %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (str(schema.SCHEMA_VERSION),))
+
+
+def _stored(rows: list[Any]) -> list[StoredEvent]:
+    return [StoredEvent(seq=r[0], job_id=r[1], version=r[2], event=decode_event(r[3]),
+                        hash=r[4]) for r in rows]
+
+
+def _one(rows: list[Any]) -> Job | None:
+    return job_decoder.decode(rows[0][0]) if rows else None
