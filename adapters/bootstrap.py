@@ -46,7 +46,8 @@ def utc_now() -> datetime:
 
 
 async def open_store(url: str | None, data_dir: Path) -> EventStore:
-    """Open the store a URL names: `sqlite:///rel/path.db`, `sqlite:////abs.db`, `memory://`."""
+    """Open the store a URL names: `sqlite:///rel/path.db`, `sqlite:////abs.db`, `memory://`,
+    `postgresql://user@host:5432/db?schema=multiflow`."""
     if url is None:
         return await SqliteEventStore.open(data_dir / "multiflow.db")
     if url.startswith("memory://"):
@@ -54,8 +55,11 @@ async def open_store(url: str | None, data_dir: Path) -> EventStore:
     if url.startswith("sqlite:///"):
         return await SqliteEventStore.open(Path(url.removeprefix("sqlite:///")))
     if url.startswith(("postgresql://", "postgres://")):
-        raise ValueError("the PostgreSQL store is not available in this version")
-    raise ValueError(f"unknown store URL {url!r}: use sqlite:///PATH or memory://")
+        from adapters.postgres import PostgresEventStore
+
+        return await PostgresEventStore.open(url)
+    raise ValueError(f"unknown store URL {url!r}: use sqlite:///PATH, postgresql://... "
+                     "or memory://")
 
 
 class Kernel:

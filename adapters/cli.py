@@ -143,6 +143,34 @@ def parse_point(text: str) -> tuple[int | None, datetime | None]:
     return None, when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+@main.command("migrate-store")
+@data_dir_option
+@click.option("--from", "source", default=None,
+              help="The SQLite log to copy [default: DATA_DIR/multiflow.db].")
+@click.option("--to", "target", required=True,
+              help="An empty PostgreSQL store: postgresql://user@host:5432/db?schema=multiflow")
+def migrate_store_command(data_dir: Path, source: str | None, target: str) -> None:
+    """Copy an SQLite log into PostgreSQL (hash chain preserved and verified)."""
+    from rich.progress import Progress
+
+    from adapters.postgres.migrate import migrate_store
+
+    path = sqlite_path(source, data_dir)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("copying events", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            report = anyio.run(migrate_store, path, target, progress)
+        except (StoreError, ValueError) as exc:
+            fail(str(exc), 2)
+    console.print(f"copied {report.events:,} events, {report.jobs:,} jobs and "
+                  f"{report.checkpoints} checkpoints; the chain verifies "
+                  f"(head {report.head_hash[:16]}…)")
+
+
 @main.command("new-workflow")
 @click.argument("name")
 @click.option("--workflows-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -206,6 +234,7 @@ def watch(url: str, workflow_name: str, token: str | None, settle_ms: int, marke
         pass
 
 
+from adapters import ops_cli as _ops_cli  # noqa: E402, F401  (status, jobs, backup, doctor ...)
 from adapters import runner as _runner  # noqa: E402  (registers `multiflow run`)
 
 main.add_command(_runner.run)

@@ -145,14 +145,10 @@ class PostgresEventStore:
         return batch
 
     async def _insert(self, conn: psycopg.AsyncConnection[Any], batch: Batch) -> None:
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO events (seq, job_id, version, type, at, payload, hash) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                [(r.stored.seq, r.stored.job_id, r.stored.version, r.type_tag,
-                  r.stored.event.at.isoformat(), r.payload.decode(), r.stored.hash)
-                 for r in batch.rows])
-            await cur.executemany(_UPSERT_JOB, [job_row(job) for job in batch.jobs.values()])
+        events = [(r.stored.seq, r.stored.job_id, r.stored.version, r.type_tag,
+                   r.stored.event.at.isoformat(), r.payload.decode(), r.stored.hash)
+                  for r in batch.rows]
+        await write_rows(conn, events, list(batch.jobs.values()))
         await conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(batch.last_seq)))
 
     async def _jobs_by_id(self, conn: psycopg.AsyncConnection[Any], ids: set[str]
@@ -344,6 +340,16 @@ class PostgresEventStore:
         self._closed = True
         with anyio.CancelScope(shield=True):
             await self._pool.close()
+
+
+async def write_rows(conn: psycopg.AsyncConnection[Any], events: Sequence[tuple[object, ...]],
+                     jobs: list[Job]) -> None:
+    """Insert event rows (seq, job_id, version, type, at, payload, hash) and upsert job rows."""
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO events (seq, job_id, version, type, at, payload, hash) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)", events)
+        await cur.executemany(_UPSERT_JOB, [job_row(job) for job in jobs])
 
 
 async def _migrate(pool: AsyncConnectionPool, schema_name: str) -> None:
