@@ -30,6 +30,7 @@ from adapters.http.app import create_app
 from adapters.http.security import ensure_tokens
 from adapters.http.state import AppState
 from adapters.logs import configure_logging
+from adapters.maintenance import cleanup_daily
 from adapters.notify.service import start_notifications
 
 log = structlog.get_logger("multiflow.run")
@@ -104,12 +105,22 @@ async def serve(settings: Settings) -> None:
                                  f"{settings.host}:{settings.port}")
             if settings.watchers:
                 await kernel.start_watchers()
+            upkeep = anyio.CancelScope()
+            await tg.start(_upkeep, kernel, settings, upkeep)
             log.info("started", url=f"http://{settings.host}:{settings.port}",
                      data_dir=settings.data_dir, workflows=sorted(kernel.manager.workflows),
                      problems=state.workflow_problems or None)
             await _until_signal(server)
+            upkeep.cancel()
             await _stop(state, server)
     log.info("stopped")
+
+
+async def _upkeep(kernel: Kernel, settings: Settings, scope: anyio.CancelScope, *,
+                  task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """The daily archive cleanup, in its own scope so that shutdown can end it."""
+    with scope:
+        await cleanup_daily(kernel, settings, task_status=task_status)
 
 
 async def _serve_http(server: _Server) -> None:

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from adapters.http import events, jobs, openapi, ops, process
+from adapters.http import dashboard, events, explain, jobs, notifications, openapi, ops, process
 from adapters.http.errors import handle_error, problem_response
 from adapters.http.security import RateLimit, TokenAuth
 from adapters.http.state import AppState
@@ -29,11 +29,16 @@ def routes() -> list[Route]:
         Route("/api/jobs", jobs.list_jobs, methods=["GET"]),
         Route("/api/jobs/{job_id}", jobs.get_job, methods=["GET"], name="get_job"),
         Route("/api/jobs/{job_id}/events", jobs.job_events, methods=["GET"]),
+        Route("/api/jobs/{job_id}/explain", explain.explain, methods=["GET"]),
         Route("/api/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
         Route("/api/jobs/{job_id}/retry", jobs.retry_job, methods=["POST"]),
         Route("/api/workflows", ops.workflows, methods=["GET"]),
         Route("/api/queue", ops.queue, methods=["GET"]),
         Route("/api/events", events.stream, methods=["GET"]),
+        Route("/api/notifications/dead", notifications.dead_letters, methods=["GET"]),
+        Route("/api/notifications/dead/{letter_id}/redeliver", notifications.redeliver_letter,
+              methods=["POST"]),
+        Route("/api/alerts", notifications.alerts, methods=["GET"]),
         Route("/api/{workflow_name}/process", process.process, methods=["POST"]),
         Route("/api/{workflow_name}/status/{task_id}", jobs.workflow_status, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
@@ -42,6 +47,8 @@ def routes() -> list[Route]:
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
         Route("/docs", openapi.docs, methods=["GET"]),
+        Route("/", dashboard.index, methods=["GET"]),
+        Route("/static/{path:path}", dashboard.static, methods=["GET"]),
     ]
 
 

@@ -9,12 +9,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from adapters.http import schemas as s
+from adapters.http.explain import Explanation
 from adapters.http.notifications import AlertsOut
 from adapters.notify.records import DeadLetter
 
 REF = "#/components/schemas/{name}"
 _MODELS = (s.JobOut, s.JobList, s.CreateJob, s.Reason, s.EventOut, s.WorkflowStatus,
-           s.WorkflowOut, s.QueueOut, s.Health, s.Problem, DeadLetter, AlertsOut)
+           s.WorkflowOut, s.QueueOut, s.Health, s.Problem, DeadLetter, AlertsOut, Explanation)
 
 
 def _ref(model: type) -> dict[str, str]:
@@ -74,6 +75,9 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/api/jobs/{job_id}/events": {"get": {
             "summary": "A job's history (audit)", "parameters": [JOB_ID],
             "responses": _answers(200, {"type": "array", "items": _ref(s.EventOut)}, 404)}},
+        "/api/jobs/{job_id}/explain": {"get": {
+            "summary": "Why a job is not done: its place in the queue, its retry time, its file",
+            "parameters": [JOB_ID], "responses": _answers(200, _ref(Explanation), 404)}},
         "/api/jobs/{job_id}/cancel": {"post": {
             "summary": "Cancel a pending or running job", "parameters": [JOB_ID],
             "requestBody": {"required": False, "content": _json(_ref(s.Reason))},

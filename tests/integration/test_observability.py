@@ -59,7 +59,7 @@ async def test_a_jobs_lines_carry_its_id_and_the_workflow_file_rotates(
     tmp_path: Path, log_dir: Path
 ) -> None:
     """Each job's lines name it; echo.log rotates at its size limit and keeps its backups."""
-    _, (_, *ids) = await run_jobs(tmp_path / "data", [b"fine"] * 12)
+    _, (_, *ids) = await run_jobs(tmp_path / "data", [b"fine"] * 30)
     files = sorted(p.name for p in log_dir.iterdir())
     assert files == ["echo.log", "echo.log.1", "echo.log.2"]
     lines = [json.loads(line) for name in files for line in (log_dir / name).read_text()
