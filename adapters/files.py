@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from adapters.fsutil import TEMP_SUFFIX, move, write_bytes_atomic
 from adapters.intake import IntakeChecker
 from kernel import layout
 from kernel.config import WorkflowConfig
-from kernel.ports import FileMissing, ProgressSink, Refusal
+from kernel.ports import FileMissing, JobLookup, ProgressSink, Refusal
 from kernel.state import Job, Status
 from kernel.task import BaseProcessor
 
@@ -77,6 +77,10 @@ class HotFolders:
         parts = name.split("/")
         if not name or "\x00" in name or name.startswith("/") or ".." in parts or "" in parts:
             raise PathOutsideRoot(f"{name!r} must be a relative path inside input/")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PathOutsideRoot(f"{name!r} is not valid UTF-8; rename the file") from None
         inbox = os.path.join(self.data_dir, workflow_name, "input")
         full = os.path.join(inbox, name)
         try:
@@ -87,7 +91,10 @@ class HotFolders:
             real = os.path.realpath(full)
             if not real.startswith(os.path.realpath(inbox) + os.sep):
                 raise PathOutsideRoot(f"{name!r} resolves outside {workflow_name}/input/")
-            mode = os.stat(real).st_mode
+            try:
+                mode = os.stat(real).st_mode
+            except FileNotFoundError:
+                raise PathOutsideRoot(f"{name!r} is a symlink to nothing") from None
         if not stat.S_ISREG(mode):
             raise FileNotInInput(f"{workflow_name}/input/{name} is not a regular file")
         return layout.input_path(workflow_name, name)
@@ -164,21 +171,32 @@ class HotFolders:
                           target=job.current_path)
 
     async def reconcile(self, workflow_name: str, active: Sequence[Job],
-                        lookup: Callable[[str], Awaitable[Job | None]]) -> None:
-        """Settle or return the files in processing/ that no active job owns; sweep temps.
+                        jobs: JobLookup) -> None:
+        """Settle what a crash left between a terminal event and its move; sweep temps.
 
-        A stray file whose job finished (a crash between its terminal event and the move)
-        is settled like the job; one whose job the log does not know goes back to input/.
+        A file in processing/ that no active job owns is settled like its finished job, or,
+        when the log does not know it, goes back to input/. A file in input/ whose latest
+        job was refused or cancelled there (and whose error/ copy does not exist) is
+        settled to error/ too, instead of becoming new work.
         """
         self.ensure_layout(workflow_name)
-        strays = await anyio.to_thread.run_sync(self._sweep, workflow_name, active)
+        strays, waiting = await anyio.to_thread.run_sync(self._sweep, workflow_name, active)
         for path in strays:
             job_id, _, _ = path.name.partition("--")
-            job = await lookup(job_id)
+            job = await jobs.get_job(job_id)
             if job is not None and not job.is_active:
                 await self.settle(job)
             else:
                 await anyio.to_thread.run_sync(self._return_orphan, workflow_name, path)
+        owned = {job.file_path for job in active}
+        for name in waiting:
+            relative = layout.input_path(workflow_name, name)
+            if relative in owned or not _is_utf8(name):
+                continue  # a name that is not UTF-8 never had a job; the watcher refuses it
+            latest = await jobs.latest_job(workflow_name, relative)
+            if latest is not None and latest.status in (Status.FAILED, Status.CANCELLED) \
+                    and not self.absolute(latest.current_path).exists():
+                await self.settle(latest)
 
     def context(self, job: Job, config: WorkflowConfig, progress: ProgressSink,
                 cancelled: Callable[[], bool]) -> FileJobContext:
@@ -201,7 +219,8 @@ class HotFolders:
 
         def _move() -> None:
             move(source, target)
-            report = {"workflow_name": workflow_name, "file_path": f"{workflow_name}/input/{name}",
+            shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
+            report = {"workflow_name": workflow_name, "file_path": f"{workflow_name}/input/{shown}",
                       "status": "rejected", "error_type": "Rejected", "message": reason,
                       "at": at.isoformat()}
             write_bytes_atomic(target.with_name(target.name + ERROR_SUFFIX),
@@ -255,16 +274,19 @@ class HotFolders:
             write_bytes_atomic(self._error_report_path(target),
                                msgspec.json.format(msgspec.json.encode(_report(job))))
 
-    def _sweep(self, workflow_name: str, active: Sequence[Job]) -> list[Path]:
+    def _sweep(self, workflow_name: str, active: Sequence[Job]) -> tuple[list[Path], list[str]]:
         owned = {layout.stored_name(job) for job in active}
         root = self.data_dir / workflow_name
         for stage in layout.STAGES:
             for tmp in (root / stage).rglob(f"*{TEMP_SUFFIX}"):
                 tmp.unlink(missing_ok=True)
-        return [
+        strays = [
             path for path in sorted((root / "processing").iterdir())
             if path.is_file() and path.name not in owned and not path.name.startswith(".")
         ]
+        waiting = [entry.name for entry in os.scandir(root / "input")
+                   if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".")]
+        return strays, waiting
 
     def _return_orphan(self, workflow_name: str, path: Path) -> None:
         _, _, name = path.name.partition("--")
@@ -277,6 +299,14 @@ class HotFolders:
     @staticmethod
     def _error_report_path(path: Path) -> Path:
         return path.with_name(path.name + ERROR_SUFFIX)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _report(job: Job) -> ErrorReport:

@@ -94,8 +94,11 @@ class GroupCommitter:
         try:
             await self._write(group.requests)
         except Exception as exc:  # a bug or a driver failure: no appender may hang on it
+            # Nothing of the group is known to be durable: every append that was not
+            # refused on its own fails, including those already prepared.
             for request in group.requests:
-                if not request.result and request.error is None:
+                if request.error is None:
+                    request.result = []
                     request.error = StoreUnavailable(f"append failed: {exc!r}")
         finally:
             group.done.set()

@@ -70,6 +70,9 @@ class MemoryEventStore:
             except StoreError as exc:
                 results.append(exc)
                 continue
+            except (ValueError, TypeError) as exc:  # an event that cannot be encoded
+                results.append(StoreError(f"the event cannot be stored: {exc}"))
+                continue
             results.append([row.stored for row in rows])
         self._ledger.commit(batch)
         for job in batch.jobs.values():
@@ -123,6 +126,12 @@ class MemoryEventStore:
         """The job created with this idempotency key."""
         owner = self._keys.get((workflow_name, idempotency_key))
         return self._jobs.get(owner) if owner else None
+
+    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
+        """The most recent job created for a file, whatever its status."""
+        found = [job for job in self._jobs.values()
+                 if (job.workflow_name, job.file_path) == (workflow_name, file_path)]
+        return max(found, key=lambda job: job.created_seq, default=None)
 
     async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
         """Pending and running jobs, oldest first."""

@@ -22,6 +22,7 @@ import anyio.abc
 import click
 import structlog
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from adapters.bootstrap import Kernel
 from adapters.config import Settings, SettingsError, load_settings
@@ -152,5 +153,7 @@ async def _stop(state: AppState, server: _Server) -> None:
     with anyio.CancelScope(shield=True):
         await kernel.stop_watchers()
         await kernel.manager.drain(state.settings.drain_grace_s)
-        state.shutdown.set()  # SSE streams end
+        state.shutdown.set()
+        AppStatus.should_exit = True  # sse-starlette ends its streams on this flag
+
         server.should_exit = True

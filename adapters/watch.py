@@ -31,6 +31,8 @@ IGNORED = (".*", "*.tmp", "*.part", "*.crdownload", "*.multiflow-tmp", "*.error.
 MARKER_SUFFIX = ".done"
 RESTART_BACKOFF_MAX_S = 30.0
 SUBMITS_IN_FLIGHT = 64
+HEALTHY_RUN_S = 60.0  # a run this long resets the restart backoff
+RUST_TIMEOUT_MS = 250  # how often watchfiles' thread looks at its stop event
 
 # submit(name, completeness, idempotency_key) -> job id, or None when the file was refused
 Submit = Callable[[str, str, str | None], Awaitable[str | None]]
@@ -75,6 +77,7 @@ class BaseWatcher:
         started = False
         backoff_s = 0.5
         while True:
+            began_s = time.monotonic()
             try:
                 async with anyio.create_task_group() as tg:
                     await self.scan()
@@ -84,8 +87,9 @@ class BaseWatcher:
                     if not started:
                         started = True
                         task_status.started()
-                    backoff_s = 0.5
             except Exception:
+                if time.monotonic() - began_s > HEALTHY_RUN_S:
+                    backoff_s = 0.5  # it ran well for a while: this is a new failure
                 self.restarts += 1
                 log.exception("watcher_failed", workflow_name=self.workflow_name,
                               restart_in_s=backoff_s)
@@ -108,10 +112,16 @@ class BaseWatcher:
         self.notice(names)
         self.last_heartbeat = time.monotonic()
 
-    def notice(self, names: Iterable[str]) -> None:
-        """Names (relative to input/) that may have changed: check them soon."""
+    def notice(self, names: Iterable[str], *, changed: bool = False) -> None:
+        """Names (relative to input/) that may have changed: check them soon.
+
+        `changed`: a notification said the file was written or (re)appeared, so even an
+        identical size and mtime is new work (a re-drop with `cp -p`).
+        """
         now = time.monotonic()
         for name in names:
+            if changed:
+                self._submitted.pop(name, None)
             if self.wanted(name) and name not in self._waiting:
                 self._waiting[name] = _Seen((-1, -1), now)
         self._changed.set()
@@ -193,7 +203,10 @@ class BaseWatcher:
     async def _submit(self, name: str, identity: tuple[int, int]) -> None:
         key = None
         if self.config.dedupe:
-            key = "sha256:" + await anyio.to_thread.run_sync(sha256_of, self.inbox / name)
+            # Only a regular file is hashed: a link (to a FIFO, to /dev/zero) is judged by
+            # the submit's path checks, never read here.
+            digest = await anyio.to_thread.run_sync(sha256_of_regular, self.inbox / name)
+            key = None if digest is None else "sha256:" + digest
         completeness = "marker" if self.config.marker else f"stable:{self.config.settle_ms}ms"
         job_id = await self.submit(name, completeness, key)
         if job_id is None:
@@ -229,6 +242,22 @@ class WatchfilesWatcher(BaseWatcher):
 
     async def follow(self) -> None:
         """Feed watchfiles' change sets to `notice`."""
+        from watchfiles._rust_notify import WatchfilesRustInternalError
+
+        while True:
+            lost: list[Exception] = []
+            try:
+                await self._follow_once()
+                return
+            except* WatchfilesRustInternalError as group:  # raised inside watchfiles' tasks
+                lost.extend(group.exceptions)
+            # watchfiles cannot report a name that is not UTF-8: look with a scan (which
+            # refuses such a file to error/) and follow again.
+            log.warning("watch_notification_lost", workflow_name=self.workflow_name,
+                        error=str(lost[0]))
+            await self.scan()
+
+    async def _follow_once(self) -> None:
         import watchfiles
 
         stop = anyio.Event()
@@ -236,10 +265,10 @@ class WatchfilesWatcher(BaseWatcher):
         try:
             async for changes in watchfiles.awatch(
                 self.inbox, watch_filter=None, debounce=50, step=10, stop_event=stop,
-                recursive=False, force_polling=polling,
+                rust_timeout=RUST_TIMEOUT_MS, recursive=False, force_polling=polling,
                 poll_delay_ms=int(self.config.poll_interval_s * 1000),
             ):
-                self.notice(self._names(changes))
+                self.notice(self._names(changes), changed=True)
         finally:
             stop.set()
 
@@ -251,6 +280,16 @@ class WatchfilesWatcher(BaseWatcher):
                 relative = relative.removesuffix(MARKER_SUFFIX)
             names.append(relative)
         return names
+
+
+def sha256_of_regular(path: Path) -> str | None:
+    """The sha256 of a regular file (not followed through a link); None for anything else."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+    except FileNotFoundError:
+        return None
+    return sha256_of(path)
 
 
 def sha256_of(path: Path) -> str:

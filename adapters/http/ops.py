@@ -47,7 +47,7 @@ async def queue(request: Request) -> Response:
         depth=len(manager.queue), running=len(running),
         running_jobs=[job.id for job in running], by_workflow=dict(by_workflow),
         buckets=[QueueBucket(w, p, d) for (w, p), d in sorted(buckets.items())],
-        claiming=manager.claiming))
+        claiming=manager.claiming, last_seq=await app_state(request).kernel.store.last_seq()))
 
 
 async def metrics(request: Request) -> Response:

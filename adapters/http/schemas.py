@@ -44,6 +44,8 @@ class JobOut(msgspec.Struct, frozen=True, kw_only=True):
     result: dict[str, Any] | None
     output_paths: list[str]
     duplicates: int = 0
+    version: int = 0  # events in the job's history
+    seq: int = 0  # the log position of its last event
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -56,7 +58,7 @@ class JobOut(msgspec.Struct, frozen=True, kw_only=True):
             progress_message=job.progress_message, created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at, retry_at=job.retry_at,
             error=error, result=job.result, output_paths=job.output_paths,
-            duplicates=job.duplicates,
+            duplicates=job.duplicates, version=job.version, seq=job.seq,
         )
 
 
@@ -122,6 +124,7 @@ class QueueOut(msgspec.Struct, frozen=True, kw_only=True):
     by_workflow: dict[str, int]
     buckets: list[QueueBucket]
     claiming: bool
+    last_seq: int = 0  # the log's newest event: where a live stream should start
 
 
 class Check(msgspec.Struct, frozen=True):

@@ -141,6 +141,9 @@ class PostgresEventStore:
             except StoreError as exc:
                 request.error = exc
                 continue
+            except (ValueError, TypeError) as exc:  # an event that cannot be encoded
+                request.error = StoreError(f"the event cannot be stored: {exc}")
+                continue
             request.result = [row.stored for row in rows]
         return batch
 
@@ -252,6 +255,12 @@ class PostgresEventStore:
         return _one(await self._fetch(
             "SELECT body FROM jobs WHERE workflow_name = %s AND idempotency_key = %s",
             (workflow_name, idempotency_key)))
+
+    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
+        """The most recent job created for a file, whatever its status."""
+        return _one(await self._fetch(
+            "SELECT body FROM jobs WHERE workflow_name = %s AND file_path = %s "
+            "ORDER BY created_seq DESC LIMIT 1", (workflow_name, file_path)))
 
     async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
         """Pending and running jobs, oldest first."""

@@ -77,6 +77,10 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT NOT NULL
     );
     """,
+    # 4: every job of a file, for reconciliation (the unique index covers active jobs only).
+    """
+    CREATE INDEX jobs_by_file ON jobs (workflow_name, file_path, created_seq)
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

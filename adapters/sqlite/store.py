@@ -9,6 +9,7 @@ second connection and never wait for the writer (WAL).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -128,6 +129,9 @@ class SqliteEventStore:
             except StoreError as exc:
                 request.error = exc
                 continue
+            except (ValueError, TypeError, msgspec.EncodeError) as exc:  # cannot be encoded
+                request.error = StoreError(f"the event cannot be stored: {exc}")
+                continue
             request.result = [row.stored for row in rows]
             accepted.append(request)
         if not accepted:
@@ -144,7 +148,8 @@ class SqliteEventStore:
             return
         self._ledger.commit(batch)
         if self.commit_observer is not None:
-            self.commit_observer(time.perf_counter() - started, len(batch.rows))
+            with contextlib.suppress(Exception):  # metrics must never fail a durable append
+                self.commit_observer(time.perf_counter() - started, len(batch.rows))
 
     def _commit(self, batch: Batch) -> None:
         assert self._writer is not None
@@ -347,6 +352,12 @@ class SqliteEventStore:
         return await self._one_job(
             "SELECT body FROM jobs WHERE workflow_name = ? AND idempotency_key = ?",
             (workflow_name, idempotency_key))
+
+    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
+        """The most recent job created for a file, whatever its status."""
+        return await self._one_job(
+            "SELECT body FROM jobs WHERE workflow_name = ? AND file_path = ? "
+            "ORDER BY created_seq DESC LIMIT 1", (workflow_name, file_path))
 
     async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
         """Pending and running jobs, oldest first."""

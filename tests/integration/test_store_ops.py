@@ -74,7 +74,8 @@ async def test_a_schema_1_file_with_data_keeps_it_through_the_migration(tmp_path
     conn = sqlite3.connect(path, isolation_level=None)
     # Undo every migration after the first, as if the file had never been opened since.
     conn.executescript("DROP TABLE checkpoints; DROP INDEX jobs_by_channel; "
-                       "DROP TABLE dead_letters; DROP TABLE alerts; PRAGMA user_version=1;")
+                       "DROP TABLE dead_letters; DROP TABLE alerts; DROP INDEX jobs_by_file; "
+                       "PRAGMA user_version=1;")
     conn.close()
     store = await SqliteEventStore.open(path)
     try:

@@ -170,18 +170,26 @@ function renderRecent() {
   $("jobs-empty").hidden = jobs.length > 0;
 }
 
-function workflowRow(name, nowMs) {
+function workflowHead(name) {
   const info = model.workflows.find((w) => w.name === name);
-  const outcomes = [...model.outcomes.values()].filter((o) => o.workflow === name);
-  const totals = hourTotals(name);
   const queued = model.queue?.by_workflow?.[name] ?? 0;
   const notes = [`${queued} queued`];
   if (info && !info.enabled) notes.push("disabled");
   if (info?.problem) notes.push(info.problem);
-  return el("div", { class: "workflow", "data-workflow": name },
-    el("div", { class: "workflow-head" },
-      el("span", { class: "workflow-name" }, name),
-      el("span", { class: `workflow-notes${info?.problem ? " bad" : ""}` }, notes.join(" · "))),
+  return el("div", { class: "workflow-head" },
+    el("span", { class: "workflow-name" }, name),
+    el("span", { class: `workflow-notes${info?.problem ? " bad" : ""}` }, notes.join(" · ")));
+}
+
+function workflowRow(name, nowMs) {
+  const outcomes = [...model.outcomes.values()].filter((o) => o.workflow === name);
+  const row = el("div", { class: "workflow", "data-workflow": name }, workflowHead(name));
+  if (!outcomes.length) {
+    row.append(el("div", { class: "workflow-stats" }, "no job finished in the last hour"));
+    return row;
+  }
+  const totals = hourTotals(name);
+  row.append(
     el("div", { class: "workflow-stats" },
       el("span", {}, el("b", {}, String(totals.done)), " completed"),
       el("span", {}, el("b", { class: totals.failed ? "bad" : "" }, String(totals.failed)), " failed"),
@@ -189,6 +197,7 @@ function workflowRow(name, nowMs) {
     el("div", { class: "chart-box" },
       throughputChart(minuteBuckets(outcomes, nowMs, MINUTES)),
       el("div", { class: "axis" }, el("span", {}, "−60 min"), el("span", {}, "now"))));
+  return row;
 }
 
 function renderWorkflows(nowMs) {
