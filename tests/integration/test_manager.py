@@ -285,7 +285,7 @@ async def test_the_global_concurrency_limit_holds(tmp_path: Path) -> None:
             nonlocal running, peak
             running += 1
             peak = max(peak, running)
-            await anyio.sleep(0.02)
+            await anyio.sleep(0.2)  # long enough that every job is queued while others run
             running -= 1
             return {}
 
