@@ -480,7 +480,7 @@ class JobManager:
                 if not interrupted.is_active:
                     finished.append(interrupted)
         active = await self.store.active_jobs(workflow.name)
-        await self.files.reconcile(workflow.name, active, self.store.get_job)
+        await self.files.reconcile(workflow.name, active, self.store)
         for job in active:
             self._jobs[job.id] = job
             self._admit(job)

@@ -6,7 +6,7 @@ errors below, so the kernel never sees sqlite3 or psycopg exceptions.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -149,6 +149,10 @@ class EventStore(Protocol):
         """The job created with this idempotency key, whatever its status."""
         ...
 
+    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
+        """The most recent job created for a file, whatever its status."""
+        ...
+
     async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
         """Every pending or running job (of one workflow), oldest first."""
         ...
@@ -167,6 +171,18 @@ class EventStore(Protocol):
 
 
 # -- the world around a job ----------------------------------------------------------
+
+
+class JobLookup(Protocol):
+    """The read-model lookups reconciliation needs (an EventStore provides them)."""
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The read-model row of one job."""
+        ...
+
+    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
+        """The most recent job created for a file, whatever its status."""
+        ...
 
 
 class Clock(Protocol):
@@ -231,16 +247,12 @@ class Files(Protocol):
         """
         ...
 
-    async def reconcile(
-        self,
-        workflow_name: str,
-        active: Sequence[Job],
-        lookup: Callable[[str], Awaitable[Job | None]],
-    ) -> None:
+    async def reconcile(self, workflow_name: str, active: Sequence[Job], jobs: JobLookup) -> None:
         """At registration: sweep temporaries; settle or return files no active job owns.
 
-        `lookup(job_id)` reads a job from the log, so a file whose job already finished
-        is settled (archive/ or error/), never processed again.
+        `jobs` reads the log's read model, so a file whose job already finished (a crash
+        between its terminal event and the move) is settled, never processed again: in
+        processing/ by the job id in its name, in input/ by its latest job.
         """
         ...
 

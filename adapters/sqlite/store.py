@@ -28,14 +28,14 @@ from adapters.memory import Notifier, page_of
 from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.sqlite import schema
 from adapters.sqlite.lock import WriterLock
+from adapters.sqlite.rebuild import RebuildReport, rebuild_read_model
 from adapters.sqlrows import ACTIVE_SQL, JOB_COLUMNS, job_decoder, job_row, where_clause
 from kernel.chain import GENESIS, ChainRow
-from kernel.events import Event, JobCreated, decode_event
+from kernel.events import Event, decode_event
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
-from kernel.state import Job, StoredEvent, apply
+from kernel.state import Job, StoredEvent
 
 BATCH_APPENDS_MAX = 1024
-REBUILD_CHUNK = 50_000
 
 
 def connect_writer(path: Path) -> sqlite3.Connection:
@@ -279,24 +279,7 @@ class SqliteEventStore:
 
     def _rebuild(self) -> RebuildReport:
         assert self._writer is not None
-        conn, started = self._writer, time.perf_counter()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("DELETE FROM jobs")
-            folder = _Refold(conn)
-            events = conn.cursor().execute(
-                "SELECT seq, job_id, version, payload FROM events ORDER BY seq")
-            count = 0
-            while rows := events.fetchmany(REBUILD_CHUNK):
-                folder.fold(rows)
-                count += len(rows)
-            jobs = folder.finish()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return RebuildReport(events=count, jobs=jobs,
-                             seconds=time.perf_counter() - started)
+        return rebuild_read_model(self._writer, self.path)
 
     # -- reads -----------------------------------------------------------------------
 
@@ -414,62 +397,6 @@ class SqliteEventStore:
     async def _one_job(self, sql: str, params: tuple[object, ...]) -> Job | None:
         rows = list(await self._fetch(sql, params))
         return job_decoder.decode(rows[0][0]) if rows else None
-
-
-class RebuildReport(msgspec.Struct, frozen=True, kw_only=True):
-    """What a rebuild replayed, and how fast."""
-
-    events: int
-    jobs: int
-    seconds: float
-
-    @property
-    def events_per_s(self) -> float:
-        """Replay speed."""
-        return self.events / self.seconds if self.seconds > 0 else float("inf")
-
-
-class _Refold:
-    """Folds the log into read-model rows, keeping only unfinished jobs in memory."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.active: dict[str, Job] = {}
-        self.done: dict[str, Job] = {}
-        self.jobs = 0
-
-    def fold(self, rows: list[tuple[int, str, int, str]]) -> None:
-        for seq, job_id, version, payload in rows:
-            job = self.active.pop(job_id, None) or self.done.pop(job_id, None)
-            event = decode_event(payload)
-            if job is None and not isinstance(event, JobCreated):
-                job = self._load(job_id)
-            elif job is None:
-                self.jobs += 1
-            job = apply(job, StoredEvent(seq=seq, job_id=job_id, version=version, event=event))
-            (self.active if job.is_active else self.done)[job_id] = job
-        if len(self.done) >= REBUILD_CHUNK:
-            self._flush()
-
-    def _load(self, job_id: str) -> Job:
-        self._flush()
-        row = self.conn.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise StoreError(f"the log has events of job {job_id} before its JobCreated")
-        return job_decoder.decode(row[0])
-
-    def _flush(self) -> None:
-        self.conn.executemany(
-            f"INSERT OR REPLACE INTO jobs ({JOB_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [job_row(job) for job in self.done.values()])
-        self.done.clear()
-
-    def finish(self) -> int:
-        self.done.update(self.active)
-        self.active.clear()
-        self._flush()
-        return self.jobs
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:

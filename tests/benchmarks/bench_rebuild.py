@@ -10,8 +10,11 @@ the rebuild <= 250 MB.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -63,13 +66,21 @@ def decode_reference(path: Path) -> float:
     return count / (time.perf_counter() - started)
 
 
-async def rebuild(path: Path) -> tuple[float, int, int]:
-    store = await SqliteEventStore.open(path)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    report = await store.rebuild()
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    await store.close()
-    return report.events_per_s, report.events, max(rss_before, rss_after)
+def rebuild(path: Path) -> tuple[float, int, float]:
+    """Run `multiflow rebuild` in a child process: (events/s, events, peak RSS in MB)."""
+    code = ("import anyio, json; from adapters.sqlite import SqliteEventStore\n"
+            "async def go():\n"
+            f"    store = await SqliteEventStore.open({str(path)!r})\n"
+            "    report = await store.rebuild()\n"
+            "    await store.close()\n"
+            "    print(json.dumps([report.events_per_s, report.events]))\n"
+            "anyio.run(go)\n")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    per_s, events = json.loads(out.strip().splitlines()[-1])
+    return per_s, events, max(peak_kb, before) / 1024
 
 
 def main() -> None:
@@ -82,9 +93,10 @@ def main() -> None:
         anyio.run(fill, path, args.events)
         print(f"filled {args.events:,} events in {time.perf_counter() - started:.1f} s")
         reference = decode_reference(path)
-        per_s, events, rss_kb = anyio.run(rebuild, path)
+        per_s, events, rss_mb = rebuild(path)
         print(f"rebuild: {events:,} events at {per_s:,.0f} events/s "
-              f"(target >= 300,000); peak RSS {rss_kb / 1024:.0f} MB (target <= 250)")
+              f"(target >= 300,000); peak RSS of the rebuilding process {rss_mb:.0f} MB "
+              f"(target <= 250)")
         print(f"reference, msgspec decode only: {reference:,.0f} events/s; "
               f"ratio {per_s / reference:.2f}")
 
