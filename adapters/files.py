@@ -75,8 +75,9 @@ class HotFolders:
         case (a plain file, no symlink) costs one `lstat`: this runs on every submit.
         """
         parts = name.split("/")
-        if not name or "\x00" in name or name.startswith("/") or ".." in parts or "" in parts:
-            raise PathOutsideRoot(f"{name!r} must be a relative path inside input/")
+        if not name or "\x00" in name or name.startswith("/") or \
+                any(part in ("", ".", "..") for part in parts):
+            raise PathOutsideRoot(f"{name!r} must be a plain relative path inside input/")
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
@@ -87,6 +88,8 @@ class HotFolders:
             mode = os.lstat(full).st_mode
         except (FileNotFoundError, NotADirectoryError):
             raise FileNotInInput(f"{workflow_name}/input/{name} does not exist") from None
+        except OSError as exc:  # a name too long, a loop on the way ...
+            raise PathOutsideRoot(f"{name!r} cannot be used: {exc.strerror}") from None
         if stat.S_ISLNK(mode) or len(parts) > 1:
             real = os.path.realpath(full)
             if not real.startswith(os.path.realpath(inbox) + os.sep):
@@ -95,6 +98,8 @@ class HotFolders:
                 mode = os.stat(real).st_mode
             except FileNotFoundError:
                 raise PathOutsideRoot(f"{name!r} is a symlink to nothing") from None
+            except OSError as exc:
+                raise PathOutsideRoot(f"{name!r} cannot be used: {exc.strerror}") from None
         if not stat.S_ISREG(mode):
             raise FileNotInInput(f"{workflow_name}/input/{name} is not a regular file")
         return layout.input_path(workflow_name, name)

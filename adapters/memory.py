@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator, Sequence
+from typing import Annotated
 
 import anyio
 import msgspec
@@ -213,7 +214,7 @@ def _matches(job: Job, query: JobQuery, before: int | None) -> bool:
 
 
 class _Cursor(msgspec.Struct, array_like=True):
-    before_seq: int
+    before_seq: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 
 
 def encode_cursor(before_seq: int) -> str:

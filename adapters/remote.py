@@ -1,12 +1,14 @@
 """`multiflow watch`: watch a folder on another machine and upload complete files to the API.
 
-Each upload carries the file's sha256 as `Idempotency-Key`, so a retry after a
-lost answer returns the job it already made. On 201 or 200 the local file moves
+Each upload carries an `Idempotency-Key` made from the file's sha256, size, mtime and
+name, so a retry after a lost answer returns the job it already made. On 201 or 200 the
+local file moves
 to `sent/`; on any failure it stays where it is and is tried again with backoff.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -64,14 +66,18 @@ class RemoteUploader:
     def upload(self, name: str) -> str:
         """Send the file (streamed) and move it to sent/ once the server has its job."""
         path = self.folder / name
-        digest = sha256_of(path)
+        info = path.stat()
+        # The key names this drop of this file: a retry after a lost answer gets the job it
+        # made, while the same bytes dropped again (another name, another day) are new work.
+        digest = hashlib.sha256(
+            f"{sha256_of(path)}:{info.st_size}:{info.st_mtime_ns}:{name}".encode()).hexdigest()
         query = {"filename": name, "priority": str(self.priority)}
         if self.channel_name:
             query["channel_name"] = self.channel_name
         target = f"{self.base.path}/api/{self.workflow_name}/process?" + \
             urllib.parse.urlencode(query)
         headers = {"Content-Type": "application/octet-stream", "Idempotency-Key": digest,
-                   "Content-Length": str(path.stat().st_size)}
+                   "Content-Length": str(info.st_size)}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         status, body = self._post(target, path, headers)

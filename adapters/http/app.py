@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -10,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from adapters.http import dashboard, events, explain, jobs, notifications, openapi, ops, process
-from adapters.http.errors import handle_error, problem_response
+from adapters.http.errors import KNOWN_ERRORS, handle_error, problem_response
 from adapters.http.security import RateLimit, TokenAuth
 from adapters.http.state import AppState
 
@@ -57,11 +59,16 @@ def create_app(state: AppState) -> Starlette:
     settings = state.settings
     middleware = [
         Middleware(TokenAuth, tokens=state.tokens, enabled=settings.auth == "on",
-                   metrics_public=settings.metrics_public),
+                   metrics_public=settings.metrics_public,
+                   rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst),
         Middleware(RateLimit, rate_per_s=settings.rate_limit_per_s,
                    burst=settings.rate_limit_burst),
     ]
-    app = Starlette(routes=routes(), middleware=middleware,
-                    exception_handlers={HTTPException: http_error, Exception: handle_error})
+    # Known errors go to Starlette's inner exception middleware, which answers and is done;
+    # a handler for plain `Exception` runs in the outer one, which re-raises (a logged
+    # traceback and a closed connection), so only real 500s go there.
+    handlers: dict[Any, Any] = {HTTPException: http_error, Exception: handle_error}
+    handlers.update({kind: handle_error for kind in KNOWN_ERRORS})
+    app = Starlette(routes=routes(), middleware=middleware, exception_handlers=handlers)
     app.state.multiflow = state
     return app

@@ -52,7 +52,9 @@ def translate(exc: Exception) -> ApiError:
         case ApiError():
             return exc
         case Rejected():
-            return ApiError(_REJECTED_STATUS.get(exc.code, 409), exc.detail)
+            found = _FIELD.search(exc.detail)
+            return ApiError(_REJECTED_STATUS.get(exc.code, 409), exc.detail,
+                            field=found.group(1) if found else None)
         case FileNotInInput():
             return ApiError(404, str(exc), field="file_path")
         case PathOutsideRoot():
@@ -69,6 +71,11 @@ def translate(exc: Exception) -> ApiError:
         case StoreUnavailable():
             return ApiError(503, str(exc), headers={"Retry-After": "5"})
     raise exc
+
+
+KNOWN_ERRORS: tuple[type[Exception], ...] = (
+    ApiError, Rejected, FileNotInInput, PathOutsideRoot, DuplicateJob, msgspec.ValidationError,
+    msgspec.DecodeError, StoreFull, StoreUnavailable)
 
 
 async def handle_error(request: Request, exc: Exception) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -16,6 +17,8 @@ from adapters.http.schemas import event_out
 SEND_TIMEOUT_S = 10.0  # a client that cannot take an event this fast is disconnected
 PING_S = 15.0
 _json = msgspec.json.Encoder()
+_SEQ = re.compile(r"[0-9]{1,19}")
+SEQ_MAX = 2**63 - 1
 
 
 async def stream(request: Request) -> EventSourceResponse:
@@ -35,6 +38,6 @@ async def stream(request: Request) -> EventSourceResponse:
 
 def _position(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not raw.isdigit():
+    if not _SEQ.fullmatch(raw) or int(raw) > SEQ_MAX:
         raise ApiError(422, "after (or Last-Event-ID) must be a seq number", field="after")
     return int(raw)

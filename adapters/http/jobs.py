@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from starlette.requests import Request
@@ -74,12 +74,15 @@ async def get_job(request: Request) -> Response:
     return json_response(JobOut.of(job))
 
 
+AwareTime = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with an offset")]
+
+
 class ListQuery(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     workflow_name: str | None = None
     status: Status | None = None
     channel_name: str | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
+    created_after: AwareTime | None = None
+    created_before: AwareTime | None = None
     limit: Limit = 100
     cursor: str | None = None
 

@@ -60,12 +60,17 @@ async def _upload(request: Request, workflow_name: str) -> Response:
         if earlier is not None:
             return created_response(request, earlier, False)
     state.kernel.files.check_upload_name(filename)
+    # Query strings are text: convert them to the task's types, and refuse bad ones before
+    # a single byte of the upload lands anywhere.
+    processor = state.kernel.manager.workflows[workflow_name].processor
+    task = msgspec.convert(query, processor.Task, strict=False)
+    params = msgspec.to_builtins(task)
     staged = await _stage(request, state.kernel.files.staging_dir(),
                           state.settings.upload_max_bytes)
     try:
         submitted = await state.kernel.submit_upload(
             workflow_name, filename, staged, priority=options.priority,
-            channel_name=options.channel_name, params=query, idempotency_key=key)
+            channel_name=options.channel_name, params=params, idempotency_key=key)
     finally:
         await anyio.to_thread.run_sync(lambda: staged.unlink(missing_ok=True))
     return created_response(request, submitted.job, submitted.created)

@@ -50,8 +50,10 @@ class TokenAuth:
     """ASGI middleware: bearer tokens on every route but the public ones."""
 
     def __init__(self, app: ASGIApp, tokens: list[str], *, enabled: bool = True,
-                 metrics_public: bool = False) -> None:
+                 metrics_public: bool = False, rate_per_s: float = 50.0, burst: int = 100
+                 ) -> None:
         self.app = app
+        self.failures = RateLimit(app, rate_per_s=rate_per_s, burst=burst)
         self.enabled = enabled
         self.metrics_public = metrics_public
         self.secrets = [(token_name(t), token_secret(t).encode()) for t in tokens]
@@ -65,8 +67,15 @@ class TokenAuth:
             (path == "/metrics" and self.metrics_public)
         actor = self.actor(scope) if self.enabled else "anonymous"
         if actor is None and not public:
-            response = problem_response(401, "a valid bearer token is required",
-                                        headers={"WWW-Authenticate": "Bearer"})
+            # Guessing tokens is rate limited per address, like everything else.
+            wait_s = self.failures.take(RateLimit.client_key(scope))
+            if wait_s > 0:
+                response = problem_response(
+                    429, "too many failed authentications from this client; slow down",
+                    headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+            else:
+                response = problem_response(401, "a valid bearer token is required",
+                                            headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["actor"] = actor or "anonymous"
