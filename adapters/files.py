@@ -137,13 +137,15 @@ class HotFolders:
         return layout.input_path(workflow_name, name)
 
     def absolute(self, relative: str) -> Path:
-        """The absolute path of a data-root relative path; refuses anything outside the root."""
-        if "\x00" in relative:
-            raise PathOutsideRoot("a path may not contain NUL")
-        path = (self.data_dir / relative).resolve()
-        if not path.is_relative_to(self.data_dir):
+        """The absolute path of a data-root relative path; refuses anything outside the root.
+
+        A lexical check (no `..`, no absolute path, no NUL), not a resolve: the paths the
+        lifecycle uses are built from names `input_file` already vetted, symlinks included.
+        """
+        parts = relative.split("/")
+        if "\x00" in relative or relative.startswith("/") or ".." in parts:
             raise PathOutsideRoot(f"{relative!r} is outside the data root")
-        return path
+        return self.data_dir / relative
 
     # -- the Files port ----------------------------------------------------------------
 

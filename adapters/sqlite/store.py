@@ -10,8 +10,10 @@ second connection and never wait for the writer (WAL).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +38,7 @@ from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, Store
 from kernel.state import Job, StoredEvent
 
 BATCH_APPENDS_MAX = 1024
+RECENT_EVENTS = 10_000
 
 
 def connect_writer(path: Path) -> sqlite3.Connection:
@@ -59,6 +62,9 @@ class SqliteEventStore:
         self._lock = lock
         self._ledger = Ledger()
         self._committer = GroupCommitter(self._write_group, self._notify)
+        # The newest events, kept as decoded: tails (observer, SSE, webhooks) read them from
+        # here instead of decoding them again from the file.
+        self._recent: deque[StoredEvent] = deque(maxlen=RECENT_EVENTS)
         self._notifier = Notifier()
         self._limiter = anyio.CapacityLimiter(1)
         self._closed = False
@@ -113,6 +119,10 @@ class SqliteEventStore:
 
     async def _write_group(self, requests: list[PendingAppend]) -> None:
         await anyio.to_thread.run_sync(self._write_all, requests, limiter=self._limiter)
+        # On the event loop, where every reader of `_recent` runs: in seq order.
+        for request in requests:
+            if request.error is None:
+                self._recent.extend(request.result)
 
     def _write_all(self, requests: list[PendingAppend]) -> None:
         for start in range(0, len(requests), BATCH_APPENDS_MAX):
@@ -291,6 +301,10 @@ class SqliteEventStore:
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Up to `limit` events with seq > `after`, in seq order."""
+        recent = self._recent
+        if recent and recent[0].seq <= after + 1 and not self._closed:
+            start = after + 1 - recent[0].seq  # seqs are gapless, so positions are exact
+            return list(itertools.islice(recent, start, start + limit))
         return await self._events(
             "SELECT seq, job_id, version, payload, hash FROM events "
             "WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
