@@ -13,6 +13,14 @@ from kernel.state import Job
 JOB_COLUMNS = ("id, workflow_name, file_path, status, channel_name, priority, idempotency_key, "
                "created_us, updated_us, created_seq, seq, version, body")
 ACTIVE_SQL = "('pending', 'running')"
+# An update of an existing row, never a replace: a replace would silently delete another
+# job's row that conflicts on a unique index, instead of failing the append.
+UPSERT_JOB = (
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES "
+    "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+    "status = excluded.status, channel_name = excluded.channel_name, "
+    "priority = excluded.priority, updated_us = excluded.updated_us, seq = excluded.seq, "
+    "version = excluded.version, body = excluded.body")
 job_decoder = msgspec.json.Decoder(Job)
 _job_encoder = msgspec.json.Encoder()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

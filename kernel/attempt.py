@@ -131,10 +131,10 @@ async def _call(attempt: Attempt, processor: BaseProcessor, config: WorkflowConf
     except JobCancelledError:
         pass
     except JobError as exc:
-        return Outcome(error_type=exc.error_type, message=exc.message,
+        return Outcome(error_type=_text(exc.error_type), message=_text(exc.message),
                        traceback=_excerpt(exc), retryable=exc.retryable)
     except Exception as exc:  # the job boundary: a processor's failure becomes an event
-        return Outcome(error_type=type(exc).__name__, message=str(exc) or repr(exc),
+        return Outcome(error_type=type(exc).__name__, message=_text(str(exc) or repr(exc)),
                        traceback=_excerpt(exc))
     finally:
         attempt.scope = None
@@ -155,4 +155,10 @@ def _stopped(attempt: Attempt, config: WorkflowConfig) -> Outcome:
 
 def _excerpt(exc: BaseException) -> str:
     text = "".join(traceback.format_exception(exc))
-    return text[-TRACEBACK_CHARS_MAX:]
+    return _text(text[-TRACEBACK_CHARS_MAX:])
+
+
+def _text(text: str) -> str:
+    # A message can hold undecodable bytes (a file name read with surrogateescape); the log
+    # stores UTF-8, so those are shown as escapes rather than refused.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

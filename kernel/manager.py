@@ -46,6 +46,8 @@ from kernel.ports import (
     Files,
     ScannerUnavailable,
     StoreError,
+    StoreFull,
+    StoreUnavailable,
 )
 from kernel.queue import JobQueue
 from kernel.state import Job, Status, StoredEvent, apply
@@ -215,14 +217,21 @@ class JobManager:
         """Wait until a job is completed, failed or cancelled; TimeoutError after `timeout_s`."""
         with anyio.fail_after(timeout_s):
             while True:
+                job = await self._finished(job_id)
+                if job is not None:
+                    return job
                 event = self._waiters.setdefault(job_id, anyio.Event())
-                job = await self.get_job(job_id)
-                if job is None:
-                    raise Rejected("not_found", f"job {job_id} does not exist")
-                if not job.is_active and job.id not in self._unsettled:
+                job = await self._finished(job_id)  # it may have finished meanwhile
+                if job is not None:
                     return job
                 with anyio.move_on_after(1.0):  # also sees jobs finished by other nodes
                     await event.wait()
+
+    async def _finished(self, job_id: str) -> Job | None:
+        job = await self.get_job(job_id)
+        if job is None:
+            raise Rejected("not_found", f"job {job_id} does not exist")
+        return job if not job.is_active and job.id not in self._unsettled else None
 
     def running_jobs(self) -> list[Job]:
         """The jobs whose processors run now."""
@@ -272,12 +281,16 @@ class JobManager:
                 await self._wakeup.wait()
 
     def _idle_wait_s(self) -> float:
-        due = self.queue.next_due()
         wait_s = 1.0
+        # A retry falling due matters only when a slot is free to start it (else: spinning).
+        due = self.queue.next_due() if len(self._running) < self.concurrency else None
         if due is not None:
             wait_s = min(wait_s, max(0.0, (due - self.clock.now()).total_seconds()))
+        now_s = anyio.current_time()
+        for name in [n for n, until in self._blocked_until.items() if until <= now_s]:
+            del self._blocked_until[name]  # expired: the workflow may start jobs again
         if self._blocked_until:
-            wait_s = min(wait_s, max(0.0, min(self._blocked_until.values()) - anyio.current_time()))
+            wait_s = min(wait_s, min(self._blocked_until.values()) - now_s)
         return wait_s
 
     def _pick_claims(self) -> list[Job]:
@@ -292,6 +305,8 @@ class JobManager:
         return claims
 
     def _can_start(self, job: Job) -> bool:
+        if job.id in self._running:
+            return False  # its previous attempt is still winding down
         workflow = self.workflows.get(job.workflow_name)
         if workflow is None or not workflow.config.enabled:
             return False
@@ -325,9 +340,17 @@ class JobManager:
         """Append `first` and the claims of `claims` together; start each claimed job."""
         at = self.clock.now()
         appends = [Append(job.id, events, job.version) for job, events in first]
-        appends += [Append(job.id, decide(job, StartJob(job_id=job.id, at=at,
-                                                        worker=self.worker_name)), job.version)
-                    for job in claims]
+        startable: list[Job] = []
+        for job in claims:
+            try:
+                started = decide(job, StartJob(job_id=job.id, at=at, worker=self.worker_name))
+            except Rejected:  # the clock stepped back before its retry time: later
+                self._release(job)
+                self.queue.push(job)
+                continue
+            appends.append(Append(job.id, started, job.version))
+            startable.append(job)
+        claims = startable
         try:
             results = await self.store.append_batch(appends)
         except StoreError as exc:
@@ -362,7 +385,7 @@ class JobManager:
         job = attempt.job
         if outcome.cancelled:
             self._release(job)
-            await self._settle(await self.get_job(job.id))
+            await self._settle(await self.store.get_job(job.id))
             return
         self._release(job)
         conflicts = 0
@@ -377,6 +400,12 @@ class JobManager:
                 conflicts += 1
                 if conflicts > CONFLICT_RETRIES_MAX:
                     raise result
+            elif not isinstance(result, StoreFull | StoreUnavailable):
+                if outcome.error_type == "OutcomeRefused":
+                    raise result  # even the plain failure cannot be stored: a bug
+                # The log refused this outcome (it cannot be stored): record that instead.
+                outcome = Outcome(error_type="OutcomeRefused", retryable=False,
+                                  message=f"the outcome could not be recorded: {result}"[:2000])
             else:
                 # The store is full or down: the outcome must not be lost, so wait and try
                 # again (until it works, or shutdown cancels us and recovery takes over).
@@ -411,6 +440,8 @@ class JobManager:
     async def _settle(self, job: Job | None) -> None:
         if job is None:
             return
+        if not job.is_active:
+            self._jobs.pop(job.id, None)  # finished, perhaps by someone else: no stale copy
         if job.is_active:
             self._admit(job)  # failed with a retry: back to the queue at its retry_at
         else:
@@ -463,6 +494,8 @@ class JobManager:
         except StoreError:
             self._tg_start(self._readmit_later, job.id, STORE_RETRY_MAX_S)  # full or down
             return
+        except Rejected:
+            return  # cancelled (or claimed elsewhere) while intake looked at it
         await self._settle_file(refused)
 
     async def _readmit_later(self, job_id: str, delay_s: float) -> None:
@@ -566,15 +599,20 @@ class JobManager:
                 fresh = await self.store.get_job(job_id)
                 if fresh is not None and fresh.is_active:
                     self._jobs[job_id] = fresh
+                else:
+                    self._jobs.pop(job_id, None)
                 continue
             new = self._apply(job, stored)
-            if job_id in self._running:
-                self._running[job_id].job = new
+            attempt = self._running.get(job_id)
+            if attempt is not None and new.status is Status.RUNNING and \
+                    new.attempts == attempt.job.attempts:
+                attempt.job = new  # still its attempt (a duplicate record, say)
             return new
         raise Rejected("conflict", f"job {job_id} kept changing; try again")
 
     def _apply(self, job: Job | None, stored: Sequence[StoredEvent]) -> Job:
         """Fold our own appended events into the manager's view of the job."""
+        was_active = job is None or job.is_active
         for event in stored:
             job = apply(job, event)
         assert job is not None
@@ -582,7 +620,8 @@ class JobManager:
             self._jobs[job.id] = job
         else:
             self._jobs.pop(job.id, None)
-            self._unsettled.add(job.id)
+            if was_active:  # it just finished: its file is on its way
+                self._unsettled.add(job.id)
         return job
 
     async def _settle_file(self, job: Job) -> None:

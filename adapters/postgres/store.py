@@ -28,18 +28,12 @@ from adapters.ledger import Batch, Ledger
 from adapters.memory import Notifier, page_of
 from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.postgres import schema
-from adapters.sqlrows import ACTIVE_SQL, JOB_COLUMNS, job_decoder, job_row, where_clause
+from adapters.sqlrows import ACTIVE_SQL, UPSERT_JOB, job_decoder, job_row, where_clause
 from kernel.chain import ChainRow
 from kernel.events import JobCreated, JobRetried, decode_event
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
 from kernel.state import Job, StoredEvent
 
-_UPSERT_JOB = (
-    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES "
-    "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
-    "status = EXCLUDED.status, channel_name = EXCLUDED.channel_name, "
-    "priority = EXCLUDED.priority, updated_us = EXCLUDED.updated_us, seq = EXCLUDED.seq, "
-    "version = EXCLUDED.version, body = EXCLUDED.body")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 NOTIFY_CHANNEL = "multiflow_events"
 
@@ -358,7 +352,7 @@ async def write_rows(conn: psycopg.AsyncConnection[Any], events: Sequence[tuple[
         await cur.executemany(
             "INSERT INTO events (seq, job_id, version, type, at, payload, hash) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s)", events)
-        await cur.executemany(_UPSERT_JOB, [job_row(job) for job in jobs])
+        await cur.executemany(UPSERT_JOB, [job_row(job) for job in jobs])
 
 
 async def _migrate(pool: AsyncConnectionPool, schema_name: str) -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import msgspec
 
-from adapters.sqlrows import JOB_COLUMNS, job_decoder, job_row
+from adapters.sqlrows import UPSERT_JOB, job_decoder, job_row
 from kernel.events import JobCreated, decode_event
 from kernel.ports import StoreError
 from kernel.state import Job, fold_stored
 
 CHUNK_EVENTS = 50_000
-_INSERT = f"INSERT OR REPLACE INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+_INSERT = UPSERT_JOB.replace("%s", "?")
 _DONE = None
 
 

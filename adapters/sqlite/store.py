@@ -31,7 +31,7 @@ from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.sqlite import schema
 from adapters.sqlite.lock import WriterLock
 from adapters.sqlite.rebuild import RebuildReport, rebuild_read_model
-from adapters.sqlrows import ACTIVE_SQL, JOB_COLUMNS, job_decoder, job_row, where_clause
+from adapters.sqlrows import ACTIVE_SQL, UPSERT_JOB, job_decoder, job_row, where_clause
 from kernel.chain import GENESIS, ChainRow
 from kernel.events import Event, decode_event
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
@@ -176,8 +176,7 @@ class SqliteEventStore:
                 "INSERT INTO events (seq, job_id, version, type, at, payload, hash) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)", events)
             conn.executemany(
-                f"INSERT OR REPLACE INTO jobs ({JOB_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", jobs)
+                UPSERT_JOB.replace("%s", "?"), jobs)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

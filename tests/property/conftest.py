@@ -1,4 +1,4 @@
-"""Property tests: keep Hypothesis's cache out of the source tree (see tests/contract/conftest.py)."""
+"""Property tests: keep Hypothesis's cache out of the source tree (as tests/contract does)."""
 
 from __future__ import annotations
 
