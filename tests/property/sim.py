@@ -304,8 +304,8 @@ class SimFiles:
         """As HotFolders: settle what a crash left between a terminal event and its move.
 
         `jobs` is the port's JobLookup: a file in processing/ that no active job owns is
-        settled like its finished job, or returned to input/; a file in input/ whose latest job failed or was cancelled, and whose
-        error/ copy does not exist, is settled too.
+        settled like its finished job, or returned to input/; a file in input/ whose latest
+        job failed or was cancelled, and whose error/ copy does not exist, is settled too.
         """
         lookup = jobs.get_job
         owned = {layout.stored_name(job) for job in active}
