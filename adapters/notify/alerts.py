@@ -52,6 +52,7 @@ class AlertEngine:
         self.firing: dict[str, bool] = {rule.name: False for rule in rules}
         self._failures: deque[tuple[float, str]] = deque(maxlen=100_000)
         self._deep_since: dict[str, float] = {}
+        self._restored = False
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -61,8 +62,18 @@ class AlertEngine:
             tg.start_soon(self._follow_failures, position)
             task_status.started()
             while True:
-                await self.check()
+                try:
+                    await self.check()
+                except StoreError as exc:  # a full or lost store: try again next round
+                    log.warning("alert_check_failed", error=str(exc))
                 await anyio.sleep(CHECK_INTERVAL_S)
+
+    async def _restore(self) -> None:
+        """Each rule starts as its last record left it, so one that fired can clear."""
+        for record in reversed(await self.records.list_alerts(10_000)):
+            if record.rule in self.firing:
+                self.firing[record.rule] = record.state == "fired"
+        self._restored = True
 
     async def _follow_failures(self, position: int) -> None:
         while True:
@@ -82,11 +93,13 @@ class AlertEngine:
 
     async def check(self) -> None:
         """Evaluate every rule; send and record the ones whose state changed."""
+        if not self._restored:
+            await self._restore()
         for rule in self.rules:
             holds, detail = self.evaluate(rule)
             if holds != self.firing[rule.name]:
-                self.firing[rule.name] = holds
                 await self._announce(rule, "fired" if holds else "cleared", detail)
+                self.firing[rule.name] = holds  # only once it is recorded
 
     def evaluate(self, rule: AlertRule) -> tuple[bool, str]:
         """Whether the rule holds now, and a sentence saying why."""

@@ -27,8 +27,12 @@ class WebhookTarget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"webhook {self.name}: url must be http(s)://host/path")
+        try:
+            parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+        except ValueError:
+            raise ValueError(f"webhook {self.name}: url has an invalid port") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"webhook {self.name}: url must be http(s)://host[:port]/path")
         if not self.secret:
             raise ValueError(f"webhook {self.name}: a secret is required to sign deliveries")
         if self.timeout_s <= 0:

@@ -12,9 +12,11 @@ never slows job processing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
+import socket
 import time
 import urllib.parse
 from datetime import UTC, datetime
@@ -33,7 +35,7 @@ from kernel.ports import EventStore, StoreError
 from kernel.state import Job, StoredEvent, apply
 
 log = structlog.get_logger("multiflow.notify")
-CHECKPOINT_EVERY = 500  # events skipped by a target between checkpoint writes
+CHECKPOINT_EVERY = 500  # events a target skips between checkpoint writes, at most
 _json = msgspec.json.Encoder()
 
 
@@ -74,14 +76,21 @@ class SendFailed(Exception):
         self.retryable = retryable
 
 
-def post(target: WebhookTarget, body: bytes, headers: dict[str, str]) -> int:
-    """One signed POST (in a worker thread); returns the status or raises SendFailed."""
+def connect(target: WebhookTarget) -> http.client.HTTPConnection:
+    """A connection to the target (not yet open); SendFailed for a URL that cannot work."""
     parts = urllib.parse.urlsplit(target.url)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = kind(parts.netloc, timeout=target.timeout_s)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
+    try:
+        return kind(parts.netloc, timeout=target.timeout_s)
+    except (ValueError, http.client.HTTPException) as exc:
+        raise SendFailed(f"bad url {target.url!r}: {exc}", retryable=False) from exc
+
+
+def post(conn: http.client.HTTPConnection, target: WebhookTarget, body: bytes,
+         headers: dict[str, str]) -> int:
+    """One signed POST (in a worker thread); returns the status or raises SendFailed."""
+    parts = urllib.parse.urlsplit(target.url)
+    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
     try:
         conn.request("POST", path, body=body, headers=headers)
         response = conn.getresponse()
@@ -96,6 +105,11 @@ def post(target: WebhookTarget, body: bytes, headers: dict[str, str]) -> int:
     raise SendFailed(f"HTTP {response.status}", retryable=retryable)
 
 
+# Webhook calls get threads of their own: hanging receivers must never take the threads
+# that file moves and processors use.
+_SENDERS = anyio.CapacityLimiter(16)
+
+
 async def send_signed(target: WebhookTarget, body: bytes, event_type: str, key: str) -> None:
     """One attempt of one delivery, off the event loop; raises SendFailed."""
     timestamp = str(int(time.time()))
@@ -103,9 +117,22 @@ async def send_signed(target: WebhookTarget, body: bytes, event_type: str, key: 
                "X-Multiflow-Event": event_type, "X-Multiflow-Delivery": key,
                "X-Multiflow-Timestamp": timestamp,
                "X-Multiflow-Signature": sign(target.secret, timestamp, body)}
-    # The socket timeout bounds every read and write; the outer bound covers the rest.
-    with anyio.fail_after(target.timeout_s * 3 + 5):
-        await anyio.to_thread.run_sync(post, target, body, headers, abandon_on_cancel=True)
+    conn = connect(target)
+    try:
+        # The socket timeout bounds every read and write; the outer bound covers the rest.
+        with anyio.fail_after(target.timeout_s * 3 + 5):
+            await anyio.to_thread.run_sync(post, conn, target, body, headers,
+                                           abandon_on_cancel=True, limiter=_SENDERS)
+    finally:
+        _abort(conn)  # on cancel too: the abandoned thread's blocked socket call returns
+
+
+def _abort(conn: http.client.HTTPConnection) -> None:
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread
+    conn.close()
 
 
 class WebhookConsumer:
@@ -118,6 +145,7 @@ class WebhookConsumer:
         self.records = records
         self.checkpoint_name = f"webhook:{target.name}"
         self.delivered = 0
+        self.position = 0  # the last event handled, delivered or not
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -125,23 +153,33 @@ class WebhookConsumer:
         started = False
         while True:
             try:
-                position = await self.records.get_checkpoint(self.checkpoint_name)
+                saved = await self.records.get_checkpoint(self.checkpoint_name)
+                self.position = max(self.position, saved)  # never go back within one life
                 if not started:
                     started = True
                     task_status.started()
-                await self._follow(position)
+                await self._follow()
             except StoreError as exc:
                 log.warning("webhook_store_error", target=self.target.name, error=str(exc))
                 await anyio.sleep(1.0)
 
-    async def _follow(self, position: int) -> None:
+    async def _follow(self) -> None:
+        # The checkpoint follows every delivery (a crash repeats at most the one in flight)
+        # and every CHECKPOINT_EVERY events skipped, and is written once more on stopping.
         unsaved = 0
-        async for stored in self.store.tail(position):
-            delivered = await self.handle(stored)
-            unsaved += 1
-            if delivered or unsaved >= CHECKPOINT_EVERY:
-                await self.records.set_checkpoint(self.checkpoint_name, stored.seq)
-                unsaved = 0
+        try:
+            async for stored in self.store.tail(self.position):
+                delivered = await self.handle(stored)
+                self.position = stored.seq
+                unsaved += 1
+                if delivered or unsaved >= CHECKPOINT_EVERY:
+                    await self.records.set_checkpoint(self.checkpoint_name, stored.seq)
+                    unsaved = 0
+        finally:
+            if unsaved:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2.0), \
+                        contextlib.suppress(StoreError):
+                    await self.records.set_checkpoint(self.checkpoint_name, self.position)
 
     async def handle(self, stored: StoredEvent) -> bool:
         """Deliver one event if this target wants it; True when something was sent or kept."""
