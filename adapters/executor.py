@@ -45,15 +45,21 @@ class LocalExecutor:
     ) -> dict[str, Any]:
         progress_file = ctx.input_path.with_name(f".{ctx.job.id}.progress")
         detached = ctx.detached(progress_file)
+        failure: list[BaseException] = []
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_relay_progress, progress_file, ctx)
-                # cancellable: a timeout or cancel kills the worker process.
-                result, outputs = await anyio.to_process.run_sync(
-                    _process_entry, processor, detached, task, cancellable=True)
+                try:
+                    # cancellable: a timeout or cancel kills the worker process.
+                    result, outputs = await anyio.to_process.run_sync(
+                        _process_entry, processor, detached, task, cancellable=True)
+                except Exception as exc:  # re-raised below, unwrapped by the task group
+                    failure.append(exc)
                 tg.cancel_scope.cancel()
         finally:
             progress_file.unlink(missing_ok=True)
+        if failure:
+            raise failure[0]
         ctx.adopt_outputs(outputs)
         return cast(dict[str, Any], result)
 

@@ -181,11 +181,19 @@ def type_refusal(sniffed: Sniffed, name: str, allowed: Sequence[str]) -> str | N
     if not allowed:
         return None
     suffix = suffix_of(name)
-    if suffix in MAGIC_EXTENSIONS and not sniffed.matches_extension(suffix):
+    if suffix in MAGIC_EXTENSIONS and not sniffed.matches_extension(suffix) \
+            and not _mislabelled_alike(sniffed, suffix, allowed):
         return f"{name} is really {sniffed.description}, not .{suffix}"
     if any(_allows(entry.strip().lower(), sniffed, name) for entry in allowed):
         return None
     return f"{name} is {sniffed.description}; allowed: {', '.join(allowed)}"
+
+
+def _mislabelled_alike(sniffed: Sniffed, suffix: str, allowed: Sequence[str]) -> bool:
+    """A file of the kind its name claims (a PNG named .jpg), whose real type is allowed."""
+    claimed = _guess_mime(suffix).partition("/")[0]
+    return bool(claimed) and sniffed.mime.partition("/")[0] == claimed and any(
+        "/" in entry and sniffed.matches_mime(entry.strip().lower()) for entry in allowed)
 
 
 def _allows(entry: str, sniffed: Sniffed, name: str) -> bool:

@@ -57,8 +57,8 @@ class IntakeChecker:
         refusal = self._content_refusal(path, config)
         if refusal is None and config.scan:
             refusal = self._scan(path)
-        if refusal is None and (reason := processor.validate_file(path)):
-            refusal = Refusal("ValidationError", reason)
+        if refusal is None:
+            refusal = _validate(processor, path)
         return refusal
 
     def _content_refusal(self, path: Path, config: WorkflowConfig) -> Refusal | None:
@@ -78,3 +78,12 @@ class IntakeChecker:
         if self.scanner is None:
             raise ScannerUnavailable("scan is on for this workflow but no scanner is configured")
         return anyio.from_thread.run(self.scanner.scan_file, path)
+
+
+def _validate(processor: BaseProcessor, path: Path) -> Refusal | None:
+    """The workflow's own check; one that raises refuses the file rather than the kernel."""
+    try:
+        reason = processor.validate_file(path)
+    except Exception as exc:  # a workflow's check is its code, not ours: refuse, say why
+        return Refusal("ValidationError", f"validate_file raised {type(exc).__name__}: {exc}")
+    return Refusal("ValidationError", reason) if reason else None

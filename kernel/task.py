@@ -29,6 +29,14 @@ class JobError(Exception):
         self.message = message
         self.retryable = retryable
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with its keyword, so it survives the trip back from a worker process.
+        return (_job_error, (self.error_type, self.message, self.retryable))
+
+
+def _job_error(error_type: str, message: str, retryable: bool) -> JobError:
+    return JobError(error_type, message, retryable=retryable)
+
 
 class JobCancelledError(Exception):
     """Raised by `ctx.check_cancelled()` once a cancel request or timeout reached the job."""

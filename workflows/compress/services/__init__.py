@@ -1,0 +1,1 @@
+"""The compress workflow's larger pieces of logic."""

@@ -1,0 +1,1 @@
+"""The csv_summary workflow's larger pieces of logic."""

@@ -1,0 +1,1 @@
+"""Small helpers of the csv_summary workflow."""

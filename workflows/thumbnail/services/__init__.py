@@ -1,0 +1,1 @@
+"""The thumbnail workflow's larger pieces of logic."""
