@@ -196,14 +196,14 @@ class HotFolders:
             else:
                 await anyio.to_thread.run_sync(self._return_orphan, workflow_name, path)
         owned = {job.file_path for job in active}
-        for name in waiting:
-            relative = layout.input_path(workflow_name, name)
-            if relative in owned or not _is_utf8(name):
-                continue  # a name that is not UTF-8 never had a job; the watcher refuses it
-            latest = await jobs.latest_job(workflow_name, relative)
-            if latest is not None and latest.status in (Status.FAILED, Status.CANCELLED) \
-                    and not self.absolute(latest.current_path).exists():
-                await self.settle(latest)
+        # A name that is not UTF-8 never had a job (the watcher refuses it).
+        candidates = [relative for name in waiting if _is_utf8(name)
+                      and (relative := layout.input_path(workflow_name, name)) not in owned]
+        latest = await jobs.latest_jobs(workflow_name, candidates)
+        for job in latest.values():
+            if job.status in (Status.FAILED, Status.CANCELLED) and \
+                    not self.absolute(job.current_path).exists():
+                await self.settle(job)
 
     def context(self, job: Job, config: WorkflowConfig, progress: ProgressSink,
                 cancelled: Callable[[], bool]) -> FileJobContext:

@@ -128,11 +128,14 @@ class MemoryEventStore:
         owner = self._keys.get((workflow_name, idempotency_key))
         return self._jobs.get(owner) if owner else None
 
-    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
-        """The most recent job created for a file, whatever its status."""
-        found = [job for job in self._jobs.values()
-                 if (job.workflow_name, job.file_path) == (workflow_name, file_path)]
-        return max(found, key=lambda job: job.created_seq, default=None)
+    async def latest_jobs(self, workflow_name: str, file_paths: Sequence[str]) -> dict[str, Job]:
+        """For each of these files that ever had a job, its most recent job."""
+        wanted = set(file_paths)
+        latest: dict[str, Job] = {}
+        for job in self._jobs.values():  # in creation order: the last one wins
+            if job.workflow_name == workflow_name and job.file_path in wanted:
+                latest[job.file_path] = job
+        return latest
 
     async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
         """Pending and running jobs, oldest first."""

@@ -149,8 +149,8 @@ class EventStore(Protocol):
         """The job created with this idempotency key, whatever its status."""
         ...
 
-    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
-        """The most recent job created for a file, whatever its status."""
+    async def latest_jobs(self, workflow_name: str, file_paths: Sequence[str]) -> dict[str, Job]:
+        """For each of these files that ever had a job, its most recent job (any status)."""
         ...
 
     async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
@@ -180,8 +180,8 @@ class JobLookup(Protocol):
         """The read-model row of one job."""
         ...
 
-    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
-        """The most recent job created for a file, whatever its status."""
+    async def latest_jobs(self, workflow_name: str, file_paths: Sequence[str]) -> dict[str, Job]:
+        """For each of these files that ever had a job, its most recent job."""
         ...
 
 

@@ -250,11 +250,17 @@ class PostgresEventStore:
             "SELECT body FROM jobs WHERE workflow_name = %s AND idempotency_key = %s",
             (workflow_name, idempotency_key)))
 
-    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
-        """The most recent job created for a file, whatever its status."""
-        return _one(await self._fetch(
-            "SELECT body FROM jobs WHERE workflow_name = %s AND file_path = %s "
-            "ORDER BY created_seq DESC LIMIT 1", (workflow_name, file_path)))
+    async def latest_jobs(self, workflow_name: str, file_paths: Sequence[str]) -> dict[str, Job]:
+        """For each of these files that ever had a job, its most recent job."""
+        latest: dict[str, Job] = {}
+        for start in range(0, len(file_paths), 1000):
+            rows = await self._fetch(
+                "SELECT body FROM jobs WHERE workflow_name = %s AND file_path = ANY(%s) "
+                "ORDER BY created_seq", (workflow_name, list(file_paths[start : start + 1000])))
+            for (body,) in rows:
+                job = job_decoder.decode(body)
+                latest[job.file_path] = job
+        return latest
 
     async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
         """Pending and running jobs, oldest first."""

@@ -349,11 +349,19 @@ class SqliteEventStore:
             "SELECT body FROM jobs WHERE workflow_name = ? AND idempotency_key = ?",
             (workflow_name, idempotency_key))
 
-    async def latest_job(self, workflow_name: str, file_path: str) -> Job | None:
-        """The most recent job created for a file, whatever its status."""
-        return await self._one_job(
-            "SELECT body FROM jobs WHERE workflow_name = ? AND file_path = ? "
-            "ORDER BY created_seq DESC LIMIT 1", (workflow_name, file_path))
+    async def latest_jobs(self, workflow_name: str, file_paths: Sequence[str]) -> dict[str, Job]:
+        """For each of these files that ever had a job, its most recent job."""
+        latest: dict[str, Job] = {}
+        for start in range(0, len(file_paths), 500):
+            chunk = list(file_paths[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = await self._fetch(
+                f"SELECT body FROM jobs WHERE workflow_name = ? AND file_path IN ({marks}) "
+                "ORDER BY created_seq", (workflow_name, *chunk))
+            for (body,) in rows:
+                job = job_decoder.decode(body)
+                latest[job.file_path] = job
+        return latest
 
     async def active_jobs(self, workflow_name: str | None = None) -> list[Job]:
         """Pending and running jobs, oldest first."""

@@ -42,7 +42,7 @@ def child_command(data_dir: Path, files: int, **options: object) -> list[str]:
 
 async def start_child(command: list[str], log_path: Path) -> anyio.abc.Process:
     """Start one life; its output goes to `log_path` (appended, one file for all lives)."""
-    with open(log_path, "ab") as log:  # noqa: ASYNC230 (a local file, opened once per life)
+    with open(log_path, "ab") as log:
         return await anyio.open_process(command, stdin=None, stdout=log,
                                         stderr=log, cwd=ROOT)
 

@@ -322,14 +322,11 @@ class SimFiles:
             if target in self.disk:
                 target = f"{workflow_name}/error/{name}"
             self.disk[target] = self.disk.pop(path)
-        if callable(jobs):
-            return
         inbox = layout.input_path(workflow_name, "")
         waiting = sorted(p for p in self.disk if p.startswith(inbox)
                          and p not in {job.file_path for job in active})
-        for path in waiting:
-            latest = await jobs.latest_job(workflow_name, path)
-            if latest is not None and latest.status in (Status.FAILED, Status.CANCELLED) \
+        for latest in (await jobs.latest_jobs(workflow_name, waiting)).values():
+            if latest.status in (Status.FAILED, Status.CANCELLED) \
                     and latest.current_path not in self.disk:
                 await self.settle(latest)
 
