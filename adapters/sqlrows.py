@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 
 from adapters.memory import decode_cursor
+from adapters.notify.records import AlertRecord, DeadLetter
 from kernel.ports import JobQuery
 from kernel.state import Job
 
@@ -57,3 +60,15 @@ def where_clause(query: JobQuery, mark: str) -> tuple[str, list[object]]:
             clauses.append(f"{column} {mark}")
             params.append(value)
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def dead_letter_of(row: Sequence[Any]) -> DeadLetter:
+    """A dead letter from its row: id, target, seq, job_id, event_type, attempts, error, time."""
+    return DeadLetter(id=row[0], target=row[1], seq=row[2], job_id=row[3], event_type=row[4],
+                      attempts=row[5], last_error=row[6], created_at=datetime.fromisoformat(row[7]))
+
+
+def alert_of(row: Sequence[Any]) -> AlertRecord:
+    """An alert record from its row: id, rule, state, at, detail."""
+    return AlertRecord(id=row[0], rule=row[1], state=row[2], at=datetime.fromisoformat(row[3]),
+                       detail=row[4])

@@ -28,7 +28,15 @@ from adapters.ledger import Batch, Ledger
 from adapters.memory import Notifier, page_of
 from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.postgres import schema
-from adapters.sqlrows import ACTIVE_SQL, UPSERT_JOB, job_decoder, job_row, where_clause
+from adapters.sqlrows import (
+    ACTIVE_SQL,
+    UPSERT_JOB,
+    alert_of,
+    dead_letter_of,
+    job_decoder,
+    job_row,
+    where_clause,
+)
 from kernel.chain import ChainRow
 from kernel.events import JobCreated, JobRetried, decode_event
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
@@ -312,9 +320,7 @@ class PostgresEventStore:
         rows = await self._fetch(
             "SELECT id, target, seq, job_id, event_type, attempts, last_error, created_at "
             "FROM dead_letters ORDER BY id LIMIT %s", (limit,))
-        return [DeadLetter(id=r[0], target=r[1], seq=r[2], job_id=r[3], event_type=r[4],
-                           attempts=r[5], last_error=r[6],
-                           created_at=datetime.fromisoformat(r[7])) for r in rows]
+        return [dead_letter_of(row) for row in rows]
 
     async def remove_dead_letter(self, letter_id: int) -> None:
         """Forget a dead letter (it was redelivered)."""
@@ -329,8 +335,7 @@ class PostgresEventStore:
         """The alerts, newest first."""
         rows = await self._fetch(
             "SELECT id, rule, state, at, detail FROM alerts ORDER BY id DESC LIMIT %s", (limit,))
-        return [AlertRecord(id=r[0], rule=r[1], state=r[2], at=datetime.fromisoformat(r[3]),
-                            detail=r[4]) for r in rows]
+        return [alert_of(row) for row in rows]
 
     async def _execute(self, query: str, params: Sequence[object]) -> None:
         if self._closed:

@@ -31,7 +31,15 @@ from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.sqlite import schema
 from adapters.sqlite.lock import WriterLock
 from adapters.sqlite.rebuild import RebuildReport, rebuild_read_model
-from adapters.sqlrows import ACTIVE_SQL, UPSERT_JOB, job_decoder, job_row, where_clause
+from adapters.sqlrows import (
+    ACTIVE_SQL,
+    UPSERT_JOB,
+    alert_of,
+    dead_letter_of,
+    job_decoder,
+    job_row,
+    where_clause,
+)
 from kernel.chain import GENESIS, ChainRow
 from kernel.events import Event, decode_event
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
@@ -240,9 +248,7 @@ class SqliteEventStore:
         rows = await self._fetch(
             "SELECT id, target, seq, job_id, event_type, attempts, last_error, created_at "
             "FROM dead_letters ORDER BY id LIMIT ?", (limit,))
-        return [DeadLetter(id=r[0], target=r[1], seq=r[2], job_id=r[3], event_type=r[4],
-                           attempts=r[5], last_error=r[6],
-                           created_at=datetime.fromisoformat(r[7])) for r in rows]
+        return [dead_letter_of(row) for row in rows]
 
     async def remove_dead_letter(self, letter_id: int) -> None:
         """Forget a dead letter (it was redelivered)."""
@@ -258,8 +264,7 @@ class SqliteEventStore:
         """The alerts, newest first."""
         rows = await self._fetch(
             "SELECT id, rule, state, at, detail FROM alerts ORDER BY id DESC LIMIT ?", (limit,))
-        return [AlertRecord(id=r[0], rule=r[1], state=r[2], at=datetime.fromisoformat(r[3]),
-                            detail=r[4]) for r in rows]
+        return [alert_of(row) for row in rows]
 
     async def _side_write(self, sql: str, params: tuple[object, ...]) -> None:
         if self._closed or self._writer is None:

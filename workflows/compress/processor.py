@@ -6,10 +6,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from kernel.task import BaseProcessor, JobContext, JobError
+from workflows.common import submitted_name
 
 from . import models
 from .services.gzip_stream import Compressed, OnChunk, gunzip_digest, gzip_file
-from .utils.names import submitted_name
 
 COMPRESS_SHARE = 0.75  # of the progress bar; the verify pass reads the smaller .gz
 

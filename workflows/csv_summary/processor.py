@@ -12,12 +12,12 @@ from typing import IO, Any
 import msgspec
 
 from kernel.task import BaseProcessor, JobContext
+from workflows.common import output_name, submitted_name, write_unless_cancelled
 
 from . import models
 from .config import CHUNK_BYTES, CHUNK_CELLS, FIRST_CHUNK_ROWS
 from .models import Summary
 from .services.table import TableProfile, bad_csv
-from .utils.outputs import output_name, submitted_name, write_unless_cancelled
 
 
 class CsvSummaryProcessor(BaseProcessor):

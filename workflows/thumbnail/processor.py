@@ -9,6 +9,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from kernel.task import BaseProcessor, JobContext, JobError
+from workflows.common import output_name, write_unless_cancelled
 
 from . import models
 from .config import PIXELS_MAX
@@ -21,7 +22,6 @@ from .services.images import (
     source_format,
 )
 from .services.images import thumbnail as make_thumbnail
-from .utils.outputs import output_name, write_unless_cancelled
 
 # What Pillow raises on bytes it cannot decode; the same bytes fail the same way again.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)

@@ -1,4 +1,4 @@
-"""Output names derived from the name a file was submitted under, and a careful write."""
+"""Helpers every bundled workflow uses: output names from the submitted name, careful writes."""
 
 from __future__ import annotations
 
