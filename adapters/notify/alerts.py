@@ -53,6 +53,7 @@ class AlertEngine:
         self._failures: deque[tuple[float, str]] = deque(maxlen=100_000)
         self._deep_since: dict[str, float] = {}
         self._restored = False
+        self._checking = anyio.Lock()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -93,6 +94,10 @@ class AlertEngine:
 
     async def check(self) -> None:
         """Evaluate every rule; send and record the ones whose state changed."""
+        async with self._checking:  # the loop and a caller must not announce twice
+            await self._check()
+
+    async def _check(self) -> None:
         if not self._restored:
             await self._restore()
         for rule in self.rules:
