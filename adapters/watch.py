@@ -67,7 +67,7 @@ class BaseWatcher:
 
     async def follow(self) -> None:
         """Call `self.notice(names)` as files change; return only when the source ends."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement follow()")
 
     # -- the loop ----------------------------------------------------------------------
 
