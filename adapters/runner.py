@@ -79,6 +79,14 @@ def check_bind(settings: Settings) -> None:
 
 async def serve(settings: Settings) -> None:
     """Run until a signal; see the module docstring for the order of things."""
+    # Signals are taken over first: one that arrives during start-up is kept and acted
+    # on as soon as the server is up, instead of killing the process half-started.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        await _serve(settings, signals)
+    log.info("stopped")
+
+
+async def _serve(settings: Settings, signals: Any) -> None:
     tokens, fresh = ensure_tokens(settings)
     if fresh:
         print(f"multiflow: created an API token (kept in {settings.data_dir}/.api-token):\n"
@@ -111,10 +119,9 @@ async def serve(settings: Settings) -> None:
             log.info("started", url=f"http://{settings.host}:{settings.port}",
                      data_dir=settings.data_dir, workflows=sorted(kernel.manager.workflows),
                      problems=state.workflow_problems or None)
-            await _until_signal(server)
+            await _until_signal(signals)
             upkeep.cancel()
             await _stop(state, server)
-    log.info("stopped")
 
 
 async def _upkeep(kernel: Kernel, settings: Settings, scope: anyio.CancelScope, *,
@@ -132,15 +139,12 @@ async def _serve_http(server: _Server) -> None:
         server.should_exit = True
 
 
-async def _until_signal(server: _Server) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("stopping", signal=signal.Signals(signum).name)
-            signal.signal(signal.SIGTERM, _exit_now)
-            signal.signal(signal.SIGINT, _exit_now)
-            return
-        if server.should_exit:
-            return
+async def _until_signal(signals: Any) -> None:
+    async for signum in signals:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        signal.signal(signal.SIGTERM, _exit_now)  # a second signal exits at once
+        signal.signal(signal.SIGINT, _exit_now)
+        return
 
 
 def _exit_now(signum: int, frame: Any) -> None:
