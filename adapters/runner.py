@@ -67,7 +67,16 @@ def run(config_file: Path | None, **flags: Any) -> None:
                       log_dir=settings.data_path / "logs",
                       file_max_bytes=settings.log_file_max_bytes,
                       file_backups=settings.log_file_backups)
-    anyio.run(serve, settings)
+    anyio.run(serve, settings, backend_options={"use_uvloop": _uvloop_available()})
+
+
+def _uvloop_available() -> bool:
+    """uvloop (from uvicorn[standard]) makes the server's event loop about twice as fast."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def check_bind(settings: Settings) -> None:
