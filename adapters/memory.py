@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Annotated
 
 import anyio
@@ -15,6 +15,8 @@ from kernel.chain import ChainRow
 from kernel.events import Event, encode_event, event_tag
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreUnavailable
 from kernel.state import Job, StoredEvent
+
+ReadAll = Callable[[int, int], Awaitable[list[StoredEvent]]]
 
 
 class Notifier:
@@ -33,6 +35,18 @@ class Notifier:
         event = self._event
         with anyio.move_on_after(timeout_s):
             await event.wait()
+
+    async def follow(self, read_all: ReadAll, after: int, poll_s: float
+                     ) -> AsyncIterator[StoredEvent]:
+        """Every event after `after`, then each new one: woken at once by this process's
+        commits, polling every `poll_s` for any other writer's."""
+        while True:
+            batch = await read_all(after, 1000)
+            for stored in batch:
+                yield stored
+                after = stored.seq
+            if not batch:
+                await self.wait(poll_s)
 
 
 class MemoryEventStore:
@@ -102,13 +116,8 @@ class MemoryEventStore:
 
     async def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:
         """Every event after `after`, then each new one as it is committed."""
-        while True:
-            batch = await self.read_all(after, 1000)
-            for stored in batch:
-                yield stored
-                after = stored.seq
-            if not batch:
-                await self._notifier.wait(1.0)
+        async for stored in self._notifier.follow(self.read_all, after, 1.0):
+            yield stored
 
     async def last_seq(self) -> int:
         """The newest seq (0 when empty)."""

@@ -228,14 +228,9 @@ class PostgresEventStore:
 
     async def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:
         """Every event after `after`, then each new one as it is committed (any node)."""
-        while True:
-            batch = await self.read_all(after, 1000)
-            for stored in batch:
-                yield stored
-                after = stored.seq
-            if not batch:
-                # Our own commits wake us at once; other nodes' are polled for.
-                await self._notifier.wait(0.2)
+        # Other nodes' commits are polled for often: there is no NOTIFY listener yet.
+        async for stored in self._notifier.follow(self.read_all, after, 0.2):
+            yield stored
 
     async def last_seq(self) -> int:
         """The newest committed seq (0 when empty)."""

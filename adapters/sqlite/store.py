@@ -322,14 +322,8 @@ class SqliteEventStore:
 
     async def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:
         """Every event after `after`, then each new one as it is committed."""
-        while True:
-            batch = await self.read_all(after, 1000)
-            for stored in batch:
-                yield stored
-                after = stored.seq
-            if not batch:
-                # Woken at once by our own commits; polls for any other writer.
-                await self._notifier.wait(1.0)
+        async for stored in self._notifier.follow(self.read_all, after, 1.0):
+            yield stored
 
     async def last_seq(self) -> int:
         """The newest committed seq (0 when empty)."""
