@@ -170,6 +170,73 @@ class EventStore(Protocol):
         ...
 
 
+# -- several nodes on one store ------------------------------------------------------
+
+
+class NotClaimed(StoreError):
+    """A claim was not taken: a cluster-wide limit was reached, or the node's free slots
+    were filled by earlier candidates of the same claim. Nothing was written."""
+
+
+class ClaimLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """What a shared store enforces, under its append lock, when it takes claims.
+
+    `slots` caps how many of the candidates start (the node's free slots); `running`
+    caps the jobs running in the whole cluster (None: no cluster-wide limit);
+    `per_workflow` caps each named workflow's running jobs in the whole cluster.
+    """
+
+    slots: int
+    running: int | None = None
+    per_workflow: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class Cluster(Protocol):
+    """A store that several nodes share (PostgreSQL): claims, liveness and leases.
+
+    Liveness is per node, not per job: a node renews its lease with `heartbeat`, and
+    every job it claimed (JobStarted.worker = `node_id`) is alive while that lease is.
+    Time is the database's, so the nodes' clocks need not agree.
+    """
+
+    node_id: str
+
+    async def append_claims(
+        self, appends: Sequence[Append], candidates: Sequence[Append], limits: ClaimLimits
+    ) -> tuple[list[list[StoredEvent] | StoreError], list[list[StoredEvent] | StoreError]]:
+        """Append `appends` like `append_batch`, then take candidates (JobStarted appends, in
+        the order given) while `limits` allow, all in one transaction. A candidate that is
+        not taken gets NotClaimed (a limit) or ConcurrencyConflict (claimed or changed
+        elsewhere)."""
+        ...
+
+    async def heartbeat(self, lease_s: float) -> bool:
+        """Renew this node's lease for `lease_s` seconds; False if it had already expired
+        (other nodes may have recovered this node's jobs)."""
+        ...
+
+    async def live_nodes(self) -> set[str]:
+        """The nodes whose leases have not expired."""
+        ...
+
+    async def leave(self) -> None:
+        """End this node's lease now (a clean shutdown)."""
+        ...
+
+    async def hold_lease(self, name: str, lease_s: float) -> bool:
+        """Take or renew the cluster-wide lease `name` (e.g. "notifications") for this node;
+        True while this node holds it."""
+        ...
+
+    async def release_lease(self, name: str) -> None:
+        """Give the lease `name` up, if this node holds it."""
+        ...
+
+    def tail_others(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """Every event after `after` appended by other nodes, as they are committed."""
+        ...
+
+
 # -- the world around a job ----------------------------------------------------------
 
 

@@ -72,6 +72,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     result: dict[str, Any] | None = None
     output_paths: list[str] = msgspec.field(default_factory=list)
     duplicates: int = 0  # identical files dropped again and not processed
+    worker: str = ""  # the node that made the latest claim (JobStarted.worker)
     version: int = 0  # events applied: the expected_version of the next append
     seq: int = 0  # global position of the last event applied
     created_seq: int = 0  # global position of JobCreated: FIFO order in the queue
@@ -107,7 +108,7 @@ def _fold(job: Job | None, event: Event, seq: int | None) -> Job:
 def _started(job: Job, event: JobStarted, seq: int) -> Job:
     return msgspec.structs.replace(
         job, status=Status.RUNNING, attempts=event.attempt, started_at=event.at,
-        retry_at=None, progress=0.0, progress_message="",
+        retry_at=None, worker=event.worker, progress=0.0, progress_message="",
         current_path=layout.processing_path(job),
         updated_at=event.at, version=job.version + 1, seq=seq)
 

@@ -78,7 +78,7 @@ async def _copy(source: SqliteEventStore, target: PostgresEventStore, total: int
 async def _write(target: PostgresEventStore, rows: list[ChainRow], jobs: list[Job]) -> None:
     events: list[tuple[object, ...]] = [
         (r.seq, r.job_id, r.version, r.type_tag, decode_event(r.payload).at.isoformat(),
-         r.payload.decode(), r.hash) for r in rows]
+         r.payload.decode(), r.hash, "migrate-store") for r in rows]
     try:
         async with target._pool.connection() as conn, conn.transaction():
             await write_rows(conn, events, jobs)

@@ -71,6 +71,24 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX jobs_by_file ON jobs (workflow_name, file_path, created_seq)
     """,
+    # 3: several nodes. Which node appended each event (outside the hash: the chain is the
+    # same whoever wrote it), each node's lease, and the cluster-wide leases of singletons.
+    """
+    ALTER TABLE events ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    CREATE TABLE nodes (
+        node_id      TEXT PRIMARY KEY,
+        host         TEXT        NOT NULL,
+        pid          INTEGER     NOT NULL,
+        started_at   TIMESTAMPTZ NOT NULL,
+        heartbeat_at TIMESTAMPTZ NOT NULL,
+        lease_until  TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE leases (
+        name        TEXT PRIMARY KEY,
+        holder      TEXT        NOT NULL,
+        lease_until TIMESTAMPTZ NOT NULL
+    )
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

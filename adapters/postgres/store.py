@@ -7,11 +7,23 @@ never see N+1 before N, and the hash chain stays one chain. Readers take no
 lock. Within a node, appends issued together share one transaction (group
 commit); each is checked against the rows read under the lock, so a claim by
 expected version is decided by the database, whichever node makes it.
+
+Claims (`append_claims`) are taken in the same transaction, under the same lock:
+the cluster-wide limits are checked against the `jobs` table as the lock leaves
+it, so no two nodes can exceed them together. Each event row names the node that
+appended it; a node follows the others' events (`tail_others`), woken by
+LISTEN/NOTIFY, with polling behind it since notifications are not durable. Node
+liveness and the singletons' leases are in `adapters/postgres/cluster.py`
+(decision 0004).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import secrets
+import socket
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -23,11 +35,12 @@ import psycopg.errors
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from adapters.groupcommit import GroupCommitter, PendingAppend
 from adapters.ledger import Batch, Ledger
 from adapters.memory import Notifier, page_of
 from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.postgres import schema
+from adapters.postgres.cluster import Membership
+from adapters.postgres.commit import Committer, Request
 from adapters.sqlrows import (
     ACTIVE_SQL,
     UPSERT_JOB,
@@ -39,11 +52,33 @@ from adapters.sqlrows import (
 )
 from kernel.chain import ChainRow
 from kernel.events import JobCreated, JobRetried, decode_event
-from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
-from kernel.state import Job, StoredEvent
+from kernel.ports import (
+    Append,
+    ClaimLimits,
+    ConcurrencyConflict,
+    JobPage,
+    JobQuery,
+    NotClaimed,
+    StoreError,
+    StoreFull,
+    StoreUnavailable,
+)
+from kernel.state import Job, Status, StoredEvent
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-NOTIFY_CHANNEL = "multiflow_events"
+POLL_S = 0.5  # how often a follower looks for other nodes' events when no NOTIFY came
+StoreResult = list[StoredEvent] | StoreError
+
+
+def default_node_id() -> str:
+    """host:pid:random: unique per process, so a restarted node never renews the lease of
+    its previous life (whose jobs must be recovered)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def notify_channel(schema_name: str) -> str:
+    """The NOTIFY channel of one schema's log (two logs in one database stay apart)."""
+    return f"multiflow_{schema_name}"
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -70,16 +105,22 @@ def translate(exc: Exception, where: str) -> StoreError:
 class PostgresEventStore:
     """The EventStore on PostgreSQL; see the module docstring for the write path."""
 
-    def __init__(self, pool: AsyncConnectionPool, where: str, schema_name: str) -> None:
+    def __init__(self, pool: AsyncConnectionPool, where: str, schema_name: str,
+                 conninfo: str = "", node_id: str | None = None) -> None:
         self._pool = pool
         self.where = where
         self.schema_name = schema_name
+        self.conninfo = conninfo
+        self.node_id = node_id or default_node_id()
+        self.channel = notify_channel(schema_name)
         self._notifier = Notifier()
-        self._committer = GroupCommitter(self._write_group, self._notifier.notify)
+        self._committer = Committer(self._write_group, self._notifier.notify)
+        self._membership = Membership(self.node_id, self._execute, self._fetch)
         self._closed = False
 
     @classmethod
-    async def open(cls, url: str, *, pool_max: int = 10) -> PostgresEventStore:
+    async def open(cls, url: str, *, pool_max: int = 10, node_id: str | None = None
+                   ) -> PostgresEventStore:
         """Connect, create the schema if needed and migrate it (one node at a time)."""
         conninfo, schema_name = split_url(url)
         where = urlsplit(conninfo).netloc.rpartition("@")[2] or "localhost"
@@ -97,7 +138,7 @@ class PostgresEventStore:
         except (psycopg.Error, PoolTimeout) as exc:
             await pool.close()
             raise translate(exc, where) from exc
-        return cls(pool, where, schema_name)
+        return cls(pool, where, schema_name, conninfo, node_id)
 
     # -- writes ----------------------------------------------------------------------
 
@@ -109,13 +150,25 @@ class PostgresEventStore:
             raise result
         return result
 
-    async def append_batch(self, appends: Sequence[Append]) -> list[list[StoredEvent] | StoreError]:
+    async def append_batch(self, appends: Sequence[Append]) -> list[StoreResult]:
         """Several appends in one transaction; each succeeds or fails on its own."""
+        return await self._submit([Request(a) for a in appends])
+
+    async def append_claims(
+        self, appends: Sequence[Append], candidates: Sequence[Append], limits: ClaimLimits
+    ) -> tuple[list[StoreResult], list[StoreResult]]:
+        """`appends`, then the candidates that `limits` allow, in one transaction."""
+        results = await self._submit([Request(a) for a in appends] +
+                                     [Request(a, limits) for a in candidates])
+        return results[: len(appends)], results[len(appends):]
+
+    async def _submit(self, requests: list[Request]) -> list[StoreResult]:
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        return await self._committer.submit(appends)
+        await self._committer.submit(requests)
+        return [r.error if r.error is not None else r.result for r in requests]
 
-    async def _write_group(self, requests: list[PendingAppend]) -> None:
+    async def _write_group(self, requests: list[Request]) -> None:
         try:
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")
@@ -128,8 +181,8 @@ class PostgresEventStore:
                 if request.error is None:
                     request.result, request.error = [], error
 
-    async def _prepare(self, conn: psycopg.AsyncConnection[Any],
-                       requests: list[PendingAppend]) -> Batch:
+    async def _prepare(self, conn: psycopg.AsyncConnection[Any], requests: list[Request]
+                       ) -> Batch:
         head = await (await conn.execute(
             "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")).fetchone()
         ledger = Ledger(head[0], head[1]) if head else Ledger()
@@ -138,23 +191,27 @@ class PostgresEventStore:
         keys = await self._key_owners(conn, requests)
         batch = ledger.begin(known.get, lambda wf, key: keys.get((wf, key)))
         for request in requests:
-            try:
-                rows = batch.prepare(request.job_id, request.events, request.expected_version)
-            except StoreError as exc:
-                request.error = exc
-                continue
-            except (ValueError, TypeError) as exc:  # an event that cannot be encoded
-                request.error = StoreError(f"the event cannot be stored: {exc}")
-                continue
-            request.result = [row.stored for row in rows]
+            if request.limits is None:
+                _stage(batch, request)
+        claims = [r for r in requests if r.limits is not None]
+        if claims:
+            running = await self._running_counts(conn)
+            _count_changes(running, known, batch)
+            _take_claims(batch, claims, running)
         return batch
+
+    async def _running_counts(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
+        rows = await (await conn.execute(
+            "SELECT workflow_name, count(*) FROM jobs WHERE status = 'running' "
+            "GROUP BY workflow_name")).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
     async def _insert(self, conn: psycopg.AsyncConnection[Any], batch: Batch) -> None:
         events = [(r.stored.seq, r.stored.job_id, r.stored.version, r.type_tag,
-                   r.stored.event.at.isoformat(), r.payload.decode(), r.stored.hash)
-                  for r in batch.rows]
+                   r.stored.event.at.isoformat(), r.payload.decode(), r.stored.hash,
+                   self.node_id) for r in batch.rows]
         await write_rows(conn, events, list(batch.jobs.values()))
-        await conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(batch.last_seq)))
+        await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self.node_id))
 
     async def _jobs_by_id(self, conn: psycopg.AsyncConnection[Any], ids: set[str]
                           ) -> dict[str, Job]:
@@ -164,7 +221,7 @@ class PostgresEventStore:
         return {job.id: job for job in jobs}
 
     async def _file_owners(self, conn: psycopg.AsyncConnection[Any],
-                           requests: list[PendingAppend], known: dict[str, Job]
+                           requests: list[Request], known: dict[str, Job]
                            ) -> dict[tuple[str, str], str]:
         wanted: set[tuple[str, str]] = set()
         for request in requests:
@@ -184,7 +241,7 @@ class PostgresEventStore:
         return {(r[0], r[1]): r[2] for r in rows}
 
     async def _key_owners(self, conn: psycopg.AsyncConnection[Any],
-                          requests: list[PendingAppend]) -> dict[tuple[str, str], str]:
+                          requests: list[Request]) -> dict[tuple[str, str], str]:
         wanted = {(e.workflow_name, e.idempotency_key) for r in requests for e in r.events
                   if isinstance(e, JobCreated) and e.idempotency_key is not None}
         if not wanted:
@@ -198,7 +255,8 @@ class PostgresEventStore:
 
     # -- reads -----------------------------------------------------------------------
 
-    async def _fetch(self, query: str, params: Sequence[object] = ()) -> list[Any]:
+    async def _fetch(self, query: str, params: Sequence[object] | dict[str, object] = ()
+                     ) -> list[Any]:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         try:
@@ -228,9 +286,64 @@ class PostgresEventStore:
 
     async def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:
         """Every event after `after`, then each new one as it is committed (any node)."""
-        # Other nodes' commits are polled for often: there is no NOTIFY listener yet.
-        async for stored in self._notifier.follow(self.read_all, after, 0.2):
+        async for stored in self._notifier.follow(self.read_all, after, POLL_S):
             yield stored
+
+    async def tail_others(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """Every event after `after` that another node appended, as they are committed."""
+        while True:
+            rows = await self._fetch(
+                "SELECT seq, job_id, version, CASE WHEN node <> %s THEN payload END, hash "
+                "FROM events WHERE seq > %s ORDER BY seq LIMIT 1000", (self.node_id, after))
+            for seq, job_id, version, payload, chain_hash in rows:
+                after = seq
+                if payload is not None:
+                    yield StoredEvent(seq=seq, job_id=job_id, version=version,
+                                      event=decode_event(payload), hash=chain_hash)
+            if len(rows) < 1000:
+                await self._notifier.wait(POLL_S)
+
+    async def listen(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                     ) -> None:
+        """Wake the followers when another node commits (LISTEN), reconnecting with backoff;
+        polling covers the gaps, since notifications are not durable."""
+        task_status.started()
+        failures = 0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+                async with conn:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    failures = 0
+                    self._notifier.notify()  # catch up on what came while we were away
+                    async for note in conn.notifies():
+                        if note.payload != self.node_id:
+                            self._notifier.notify()
+            except psycopg.Error:
+                failures += 1
+                await anyio.sleep(min(5.0, 0.1 * 2**min(failures, 6)))
+
+    # -- several nodes (see adapters/postgres/cluster.py) ------------------------------
+
+    async def heartbeat(self, lease_s: float) -> bool:
+        """Renew this node's lease; False if it had expired meanwhile."""
+        return await self._membership.heartbeat(lease_s)
+
+    async def live_nodes(self) -> set[str]:
+        """The nodes whose leases have not expired."""
+        return await self._membership.live_nodes()
+
+    async def leave(self) -> None:
+        """End this node's lease and give up the leases it holds."""
+        await self._membership.leave()
+
+    async def hold_lease(self, name: str, lease_s: float) -> bool:
+        """Take or renew a cluster-wide lease; True while this node holds it."""
+        return await self._membership.hold_lease(name, lease_s)
+
+    async def release_lease(self, name: str) -> None:
+        """Give up a cluster-wide lease this node holds."""
+        await self._membership.release_lease(name)
 
     async def last_seq(self) -> int:
         """The newest committed seq (0 when empty)."""
@@ -332,7 +445,7 @@ class PostgresEventStore:
             "SELECT id, rule, state, at, detail FROM alerts ORDER BY id DESC LIMIT %s", (limit,))
         return [alert_of(row) for row in rows]
 
-    async def _execute(self, query: str, params: Sequence[object]) -> None:
+    async def _execute(self, query: str, params: Sequence[object] | dict[str, object]) -> None:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         try:
@@ -342,10 +455,14 @@ class PostgresEventStore:
             raise translate(exc, self.where) from exc
 
     async def close(self) -> None:
-        """Finish queued appends, then close the pool."""
+        """Finish queued appends, leave the cluster, then close the pool."""
         if self._closed:
             return
         await self._committer.drained()
+        # Unreachable: the lease simply runs out and other nodes recover our jobs.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
+                contextlib.suppress(StoreError):
+            await self._membership.leave()
         self._closed = True
         with anyio.CancelScope(shield=True):
             await self._pool.close()
@@ -353,11 +470,12 @@ class PostgresEventStore:
 
 async def write_rows(conn: psycopg.AsyncConnection[Any], events: Sequence[tuple[object, ...]],
                      jobs: list[Job]) -> None:
-    """Insert event rows (seq, job_id, version, type, at, payload, hash) and upsert job rows."""
+    """Insert event rows (seq, job_id, version, type, at, payload, hash, node) and upsert
+    job rows."""
     async with conn.cursor() as cur:
         await cur.executemany(
-            "INSERT INTO events (seq, job_id, version, type, at, payload, hash) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)", events)
+            "INSERT INTO events (seq, job_id, version, type, at, payload, hash, node) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", events)
         await cur.executemany(UPSERT_JOB, [job_row(job) for job in jobs])
 
 
@@ -384,6 +502,55 @@ async def _migrate(pool: AsyncConnectionPool, schema_name: str) -> None:
             "INSERT INTO multiflow_meta (key, value) VALUES ('schema_version', %s) "
             "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             (str(schema.SCHEMA_VERSION),))
+
+
+def _stage(batch: Batch, request: Request) -> bool:
+    """Prepare one append in the batch; False (and `request.error` set) if refused."""
+    try:
+        rows = batch.prepare(request.job_id, request.events, request.expected_version)
+    except StoreError as exc:
+        request.error = exc
+        return False
+    except (ValueError, TypeError) as exc:  # an event that cannot be encoded
+        request.error = StoreError(f"the event cannot be stored: {exc}")
+        return False
+    request.result = [row.stored for row in rows]
+    return True
+
+
+def _count_changes(running: dict[str, int], before: dict[str, Job], batch: Batch) -> None:
+    """Bring the running counts read under the lock up to the appends staged so far."""
+    for job_id, job in batch.jobs.items():
+        old = before.get(job_id)
+        was = old is not None and old.status is Status.RUNNING
+        now = job.status is Status.RUNNING
+        if was != now:
+            running[job.workflow_name] = running.get(job.workflow_name, 0) + (1 if now else -1)
+
+
+def _take_claims(batch: Batch, claims: list[Request], running: dict[str, int]) -> None:
+    """Stage the candidates in order while their claim's limits allow (see ClaimLimits)."""
+    total = sum(running.values())
+    taken: dict[int, int] = {}  # per claim (its limits object): candidates started
+    for request in claims:
+        limits = request.limits
+        assert limits is not None
+        job = batch.current(request.job_id)
+        actual = job.version if job is not None else 0
+        if job is None or actual != request.expected_version:
+            request.error = ConcurrencyConflict(request.job_id, request.expected_version, actual)
+            continue
+        workflow = job.workflow_name
+        cap = limits.per_workflow.get(workflow)
+        if taken.get(id(limits), 0) >= limits.slots or \
+                (limits.running is not None and total >= limits.running) or \
+                (cap is not None and running.get(workflow, 0) >= cap):
+            request.error = NotClaimed(f"job {request.job_id} not claimed: a limit is reached")
+            continue
+        if _stage(batch, request):
+            taken[id(limits)] = taken.get(id(limits), 0) + 1
+            total += 1
+            running[workflow] = running.get(workflow, 0) + 1
 
 
 def _stored(rows: list[Any]) -> list[StoredEvent]:
