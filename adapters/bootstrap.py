@@ -32,7 +32,7 @@ from adapters.watch import BaseWatcher, Submit, WatchfilesWatcher
 from kernel.config import WorkflowConfig
 from kernel.decide import Rejected
 from kernel.manager import JobManager, Submitted, Workflow
-from kernel.ports import Clock, Entropy, EventStore, Executor, JobPage, JobQuery
+from kernel.ports import Clock, Cluster, Entropy, EventStore, Executor, JobPage, JobQuery
 from kernel.state import Job, StoredEvent
 from kernel.task import BaseProcessor
 
@@ -86,7 +86,8 @@ class Kernel:
         store: str | EventStore | None = None,
         data_dir: str | Path = "data",
         *,
-        concurrency: int = 1,
+        concurrency: int | None = 1,
+        node_concurrency: int | None = None,
         aging_interval_s: float | None = 60.0,
         drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
         clock: Clock | None = None,
@@ -94,8 +95,16 @@ class Kernel:
         executor: Executor | None = None,
         worker_name: str = "",
         scanner: ScannerSettings | None = None,
+        lease_s: float = 15.0,
+        heartbeat_s: float = 3.0,
     ) -> AsyncIterator[Kernel]:
-        """Open the store, start the manager; on exit drain running jobs and close the store."""
+        """Open the store, start the manager; on exit drain running jobs and close the store.
+
+        `concurrency` is how many jobs run at once: on this machine, or in the whole
+        cluster when the store is shared (PostgreSQL; None there: no cluster-wide limit).
+        `node_concurrency` caps this node (default: `concurrency`). A node's running jobs
+        are recovered by the others `lease_s` after its last heartbeat.
+        """
         root = Path(data_dir)
         await anyio.Path(root).mkdir(parents=True, exist_ok=True)
         event_store = store if not isinstance(store, str | None) else await open_store(store, root)
@@ -105,12 +114,20 @@ class Kernel:
         observer = Observer(event_store, metrics)
         if isinstance(event_store, SqliteEventStore):
             event_store.commit_observer = metrics.observe_commit
+        cluster = event_store if isinstance(event_store, Cluster) else None
+        node_limit = node_concurrency or concurrency
+        if node_limit is None:
+            raise ValueError("set concurrency or node_concurrency: a node needs a limit")
         manager = JobManager(event_store, files, executor or LocalExecutor(),
                              clock=clock or SystemClock(), entropy=entropy or UlidEntropy(),
-                             concurrency=concurrency, aging_interval_s=aging_interval_s,
-                             worker_name=worker_name)
+                             concurrency=node_limit, aging_interval_s=aging_interval_s,
+                             worker_name=worker_name, cluster=cluster,
+                             cluster_concurrency=concurrency, lease_s=lease_s,
+                             heartbeat_s=heartbeat_s)
         try:
             async with anyio.create_task_group() as tg:
+                if cluster is not None:
+                    await tg.start(event_store.listen)  # type: ignore[attr-defined]
                 await tg.start(observer.run)  # before any append, so its counts are exact
                 await tg.start(manager.run)
                 kernel = cls(manager, event_store, files, tg)

@@ -6,6 +6,13 @@ version the manager saw: the claim) -> the file moves to processing/ -> the
 processor runs -> JobCompleted or JobFailed -> the file moves to archive/ or
 error/. When an attempt ends, the next claim rides in the same append batch as
 its terminal event, so at concurrency 1 each job costs one durable commit.
+
+On a store that several nodes share (a `Cluster`, decision 0004) the manager also
+keeps its node's lease alive, follows the other nodes' events (new jobs enter
+its queue; a job cancelled elsewhere stops here), offers spare candidates with
+each claim so that nodes racing for the same queue head do not come away empty,
+lets the store enforce the cluster-wide limits under its append lock, and fails
+as Interrupted the running jobs of nodes whose leases expired.
 """
 
 from __future__ import annotations
@@ -33,17 +40,20 @@ from kernel.decide import (
     StartJob,
     decide,
 )
-from kernel.events import Event
+from kernel.events import Event, JobCancelled, JobCompleted, JobCreated, JobFailed, JobRetried
 from kernel.layout import check_workflow_name
 from kernel.ports import (
     Append,
+    ClaimLimits,
     Clock,
+    Cluster,
     ConcurrencyConflict,
     DuplicateJob,
     Entropy,
     EventStore,
     Executor,
     Files,
+    NotClaimed,
     ScannerUnavailable,
     StoreError,
     StoreFull,
@@ -56,6 +66,7 @@ from kernel.task import BaseProcessor
 SCANNER_RETRY_S = 5.0
 STORE_RETRY_MAX_S = 5.0
 CONFLICT_RETRIES_MAX = 5
+SPARE_CANDIDATES = 16  # offered beyond the free slots in a cluster, should others be faster
 
 
 class Workflow(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,9 +100,17 @@ class JobManager:
         aging_interval_s: float | None = 60.0,
         worker_name: str = "",
         intake_concurrency: int = 4,
+        cluster: Cluster | None = None,
+        cluster_concurrency: int | None = 1,
+        lease_s: float = 15.0,
+        heartbeat_s: float = 3.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if cluster_concurrency is not None and cluster_concurrency < 1:
+            raise ValueError("cluster_concurrency must be at least 1 (or None: no limit)")
+        if not 0 < heartbeat_s < lease_s:
+            raise ValueError("heartbeat_s must be positive and shorter than lease_s")
         self.store, self.files, self.executor = store, files, executor
         self.clock, self.entropy = clock, entropy
         self.concurrency = concurrency
@@ -111,6 +130,15 @@ class JobManager:
         self._claiming = True
         self._tg: anyio.abc.TaskGroup | None = None
         self._idle = anyio.Event()
+        # Several nodes: the shared store, the cluster-wide limit, this node's lease.
+        self.cluster = cluster
+        self.cluster_concurrency = cluster_concurrency
+        self.lease_s, self.heartbeat_s = lease_s, heartbeat_s
+        if cluster is not None:
+            self.worker_name = cluster.node_id
+        self._lease_ok = True
+        self._cluster_full_until = 0.0  # a cluster-wide limit was reached: wait for a finish
+        self._claim_in_flight = False
 
     # -- public API ------------------------------------------------------------------
 
@@ -185,12 +213,20 @@ class JobManager:
 
     async def cancel(self, job_id: str, *, actor: str, reason: str = "") -> Job:
         """Cancel a pending or running job; a running processor is stopped."""
-        job = await self._decide_and_append(job_id, lambda job: CancelJob(
-            job_id=job_id, at=self.clock.now(), actor=actor, reason=reason))
+        before: list[Job] = []
+
+        def command(job: Job) -> CancelJob:
+            before[:] = [job]
+            return CancelJob(job_id=job_id, at=self.clock.now(), actor=actor, reason=reason)
+
+        job = await self._decide_and_append(job_id, command)
         self.queue.discard(job_id)
         attempt = self._running.get(job_id)
         if attempt is not None:
             attempt.stop("cancel")  # its runner settles the file once the processor stops
+        elif self.cluster is not None and before[0].status is Status.RUNNING:
+            # Another node runs it: that node stops the processor and moves the file.
+            self._done_here(job.id)
         else:
             await self._settle_file(job)
         return job
@@ -247,8 +283,17 @@ class JobManager:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         """Run the scheduler, intake and progress tasks until cancelled."""
+        after = 0
+        if self.cluster is not None:
+            # The lease exists before the first claim: a claim by a node without one
+            # would look abandoned to the other nodes.
+            after = await self.store.last_seq()
+            await self.cluster.heartbeat(self.lease_s)
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            if self.cluster is not None:
+                tg.start_soon(self._keep_alive, self.cluster)
+                tg.start_soon(self._follow, self.cluster, after)
             for _ in range(self.intake_concurrency):
                 tg.start_soon(self._intake_worker)
             tg.start_soon(self._flush_progress)
@@ -272,9 +317,9 @@ class JobManager:
 
     async def _schedule(self) -> None:
         while True:
-            claims = self._pick_claims()
+            claims, slots = self._pick_claims()
             if claims:
-                await self._commit([], claims)
+                await self._commit([], claims, slots)
                 continue
             self._wakeup = anyio.Event()
             with anyio.move_on_after(self._idle_wait_s()):
@@ -293,16 +338,32 @@ class JobManager:
             wait_s = min(wait_s, min(self._blocked_until.values()) - now_s)
         return wait_s
 
-    def _pick_claims(self) -> list[Job]:
+    def _pick_claims(self) -> tuple[list[Job], int]:
+        """The jobs to claim next, and how many of them may start (the free slots).
+
+        On one node these are the same. In a cluster, spare candidates follow (others may
+        take the first ones meanwhile) and one claim at a time is in flight, so that the
+        slots it offers are really free.
+        """
         claims: list[Job] = []
+        if not self._claiming or not self._lease_ok or self._claim_in_flight or \
+                self._cluster_full_until > anyio.current_time():
+            return claims, 0
+        free = self.concurrency - len(self._running)
+        if free <= 0:
+            return claims, 0
+        limit = self.concurrency if self.cluster is None else \
+            len(self._running) + free + SPARE_CANDIDATES
         now = self.clock.now()
-        while self._claiming and len(self._running) < self.concurrency:
+        while len(self._running) < limit:
             job = self.queue.pick(now, self._can_start)
             if job is None:
                 break
             self._reserve(job)
             claims.append(job)
-        return claims
+        if claims and self.cluster is not None:
+            self._claim_in_flight = True
+        return claims, min(free, len(claims))
 
     def _can_start(self, job: Job) -> bool:
         if job.id in self._running:
@@ -316,6 +377,8 @@ class JobManager:
                 return False
             del self._blocked_until[job.workflow_name]
         limit = workflow.config.concurrency
+        if limit is not None and self.cluster is not None:
+            return True  # candidates beyond it are refused by the store (cluster-wide)
         return limit is None or self._running_by_workflow.get(job.workflow_name, 0) < limit
 
     def _reserve(self, job: Job) -> None:
@@ -326,6 +389,8 @@ class JobManager:
     def _release(self, job: Job) -> None:
         if self._running.pop(job.id, None) is not None:
             self._running_by_workflow[job.workflow_name] -= 1
+            if job.status is Status.RUNNING:
+                self._cluster_full_until = 0.0  # a slot of the cluster's is free again
         if not self._running:
             self._idle.set()
         self._wake()
@@ -335,9 +400,10 @@ class JobManager:
 
     # -- commits: a finished attempt's events and the next claims, in one batch ------
 
-    async def _commit(self, first: list[tuple[Job, list[Event]]], claims: list[Job]
-                      ) -> list[list[StoredEvent] | StoreError]:
-        """Append `first` and the claims of `claims` together; start each claimed job."""
+    async def _commit(self, first: list[tuple[Job, list[Event]]], claims: list[Job],
+                      slots: int = 0) -> list[list[StoredEvent] | StoreError]:
+        """Append `first` and the claims of `claims` (at most `slots` of them start)
+        together; start each claimed job."""
         at = self.clock.now()
         appends = [Append(job.id, events, job.version) for job, events in first]
         startable: list[Job] = []
@@ -352,17 +418,43 @@ class JobManager:
             startable.append(job)
         claims = startable
         try:
-            results = await self.store.append_batch(appends)
+            if self.cluster is not None and claims:
+                firsts, taken = await self.cluster.append_claims(
+                    appends[: len(first)], appends[len(first):], self._limits(slots))
+                results = firsts + taken
+            else:
+                results = await self.store.append_batch(appends)
         except StoreError as exc:
             results = [exc] * len(appends)
-        for job, result in zip(claims, results[len(first):], strict=True):
+        finally:
+            if claims:
+                self._claim_in_flight = False
+        outcomes = results[len(first):]
+        for job, result in zip(claims, outcomes, strict=True):
             self._claimed(job, result)
+        taken_count = sum(not isinstance(r, StoreError) for r in outcomes)
+        if taken_count < slots and any(isinstance(r, NotClaimed) for r in outcomes):
+            # Free slots here, yet candidates refused: a cluster-wide limit holds them
+            # until a job ends somewhere (the follower wakes us), or a second passes.
+            self._cluster_full_until = anyio.current_time() + 1.0
+        if claims:
+            self._wake()
         return results[: len(first)]
+
+    def _limits(self, slots: int) -> ClaimLimits:
+        """A claim's limits: this node's free slots, the cluster's and each workflow's."""
+        per_workflow = {name: workflow.config.concurrency
+                        for name, workflow in self.workflows.items()
+                        if workflow.config.concurrency is not None}
+        return ClaimLimits(slots=slots, running=self.cluster_concurrency,
+                           per_workflow=per_workflow)
 
     def _claimed(self, job: Job, result: list[StoredEvent] | StoreError) -> None:
         if isinstance(result, StoreError):
             self._release(job)
-            if isinstance(result, ConcurrencyConflict):
+            if isinstance(result, NotClaimed):
+                self.queue.push(job)
+            elif isinstance(result, ConcurrencyConflict):
                 self._tg_start(self._refresh_pending, job.id)
             else:
                 self.queue.push(job)
@@ -392,7 +484,7 @@ class JobManager:
         store_failures = 0
         while True:
             events = self._outcome_events(attempt, config, outcome)
-            (result,) = await self._commit([(job, events)], self._pick_claims())
+            (result,) = await self._commit([(job, events)], *self._pick_claims())
             if not isinstance(result, StoreError):
                 await self._settle(self._apply(job, result))
                 return
@@ -507,26 +599,132 @@ class JobManager:
     async def recover(self, workflow: Workflow) -> None:
         """Fail the workflow's jobs left running as Interrupted, reconcile files, queue."""
         finished: list[Job] = []  # jobs whose attempts the interruption used up
-        for job in await self.store.active_jobs(workflow.name):
-            if job.status is Status.RUNNING and job.id not in self._running:
-                interrupted = await self._interrupt(job, workflow.config)
-                if not interrupted.is_active:
-                    finished.append(interrupted)
+        running = [job for job in await self.store.active_jobs(workflow.name)
+                   if job.status is Status.RUNNING]
+        for job in await self._orphans(running):
+            interrupted = await self._interrupt(job, workflow.config)
+            if not interrupted.is_active:
+                finished.append(interrupted)
         active = await self.store.active_jobs(workflow.name)
         await self.files.reconcile(workflow.name, active, self.store)
         for job in active:
-            self._jobs[job.id] = job
-            self._admit(job)
+            if job.status is Status.PENDING:
+                self._jobs[job.id] = job
+                self._admit(job)
         for job in finished:
             await self._settle_file(job)
+
+    async def _orphans(self, running: list[Job]) -> list[Job]:
+        """The running jobs nobody runs: on one node, every one this manager does not run;
+        in a cluster, those whose node's lease has expired."""
+        if self.cluster is None:
+            return [job for job in running if job.id not in self._running]
+        live = await self.cluster.live_nodes()
+        return [job for job in running if job.worker not in live and job.id not in self._running]
 
     async def _interrupt(self, job: Job, config: WorkflowConfig) -> Job:
         at = self.clock.now()
         when = retry_at(config, job.attempts, "Interrupted", at, self.entropy.random())
+        who = f"node {job.worker}" if self.cluster is not None and job.worker else "the process"
         return await self._decide_and_append(job.id, lambda j: FailJob(
             job_id=j.id, at=at, attempt=j.attempts, error_type="Interrupted",
-            message="the process running this job stopped before it finished",
-            retry_at=when))
+            message=f"{who} running this job stopped before it finished", retry_at=when))
+
+    # -- several nodes -----------------------------------------------------------------
+
+    async def _keep_alive(self, cluster: Cluster) -> None:
+        """Renew this node's lease; recover the jobs of nodes whose leases expired.
+
+        When the lease cannot be renewed before it runs out, other nodes will recover
+        this node's jobs: it stops claiming and interrupts its processors rather than
+        let the same job run twice.
+        """
+        renewed_s = anyio.current_time()
+        while True:
+            await anyio.sleep(self.heartbeat_s)
+            started_s = anyio.current_time()
+            try:
+                await cluster.heartbeat(self.lease_s)
+            except StoreError:
+                if anyio.current_time() - renewed_s > self.lease_s - self.heartbeat_s and \
+                        self._lease_ok:
+                    self._lease_ok = False
+                    for attempt in list(self._running.values()):
+                        attempt.stop("shutdown")
+                continue
+            renewed_s = started_s
+            if not self._lease_ok:
+                self._lease_ok = True
+                self._wake()
+            try:
+                await self._recover_orphans(cluster)
+            except StoreError:
+                continue  # the next beat tries again
+
+    async def _recover_orphans(self, cluster: Cluster) -> None:
+        for job in await self._orphans(await cluster.running_jobs()):
+            workflow = self.workflows.get(job.workflow_name)
+            if workflow is None:
+                continue  # a node that has the workflow recovers it
+            try:
+                interrupted = await self._interrupt(job, workflow.config)
+            except Rejected:
+                continue  # another node was first
+            await self._settle(interrupted)
+
+    async def _follow(self, cluster: Cluster, after: int) -> None:
+        """Keep the queue in step with what the other nodes append."""
+        async for stored in cluster.tail_others(after):
+            try:
+                await self._foreign(stored)
+            except StoreError:
+                continue  # its effect reaches us later: a claim conflicts, a poll re-reads
+
+    async def _foreign(self, stored: StoredEvent) -> None:
+        event = stored.event
+        ends = isinstance(event, JobCancelled | JobFailed | JobCompleted)
+        if ends:
+            self._cluster_full_until = 0.0
+            self._wake()
+        attempt = self._running.get(stored.job_id)
+        if attempt is not None:
+            # Running here, changed elsewhere: cancelled, or recovered after our lease
+            # lapsed. Stop the processor; its outcome is fenced off by the version.
+            if ends and attempt.job.status is Status.RUNNING and not attempt.finishing:
+                attempt.stop("cancel" if isinstance(event, JobCancelled) else "shutdown")
+            return
+        known = self._jobs.get(stored.job_id)
+        if isinstance(event, JobCreated):
+            if known is None:
+                self._follow_job(None, apply(None, stored))
+            return
+        if known is not None and known.version == stored.version - 1:
+            self._follow_job(known, apply(known, stored))
+        elif known is not None or isinstance(event, JobFailed | JobRetried):
+            self._follow_job(known, await self.store.get_job(stored.job_id))
+
+    def _follow_job(self, known: Job | None, job: Job | None) -> None:
+        if job is None or job.id in self._running:
+            return
+        if job.status is Status.PENDING:
+            self._jobs[job.id] = job
+            if job.id in self.queue:
+                self.queue.discard(job.id)
+                self.queue.push(job)
+            elif known is None or known.status is not Status.PENDING:
+                self._admit(job)
+            return
+        self._jobs.pop(job.id, None)
+        self.queue.discard(job.id)
+        if not job.is_active:
+            self._done_here(job.id)
+
+    def _done_here(self, job_id: str) -> None:
+        """A job ended whose file another node moves: wake whoever waits for it here."""
+        self._unsettled.discard(job_id)
+        waiter = self._waiters.pop(job_id, None)
+        if waiter is not None:
+            waiter.set()
 
     async def _refresh_pending(self, job_id: str) -> None:
         """A claim lost its race: follow whatever the log now says of the job."""

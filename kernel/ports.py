@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -191,6 +191,7 @@ class ClaimLimits(msgspec.Struct, frozen=True, kw_only=True):
     per_workflow: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+@runtime_checkable
 class Cluster(Protocol):
     """A store that several nodes share (PostgreSQL): claims, liveness and leases.
 
@@ -217,6 +218,10 @@ class Cluster(Protocol):
 
     async def live_nodes(self) -> set[str]:
         """The nodes whose leases have not expired."""
+        ...
+
+    async def running_jobs(self) -> list[Job]:
+        """Every running job of the cluster (few: at most the concurrency limits)."""
         ...
 
     async def leave(self) -> None:

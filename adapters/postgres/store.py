@@ -333,6 +333,12 @@ class PostgresEventStore:
         """The nodes whose leases have not expired."""
         return await self._membership.live_nodes()
 
+    async def running_jobs(self) -> list[Job]:
+        """Every running job, on whichever node."""
+        rows = await self._fetch("SELECT body FROM jobs WHERE status = 'running' "
+                                 "ORDER BY created_seq")
+        return [job_decoder.decode(body) for (body,) in rows]
+
     async def leave(self) -> None:
         """End this node's lease and give up the leases it holds."""
         await self._membership.leave()
