@@ -687,12 +687,13 @@ class JobManager:
             self._cluster_full_until = 0.0
             self._wake()
         attempt = self._running.get(stored.job_id)
-        if attempt is not None:
+        if attempt is not None and attempt.job.status is Status.RUNNING:
             # Running here, changed elsewhere: cancelled, or recovered after our lease
             # lapsed. Stop the processor; its outcome is fenced off by the version.
-            if ends and attempt.job.status is Status.RUNNING and not attempt.finishing:
+            if ends and not attempt.finishing:
                 attempt.stop("cancel" if isinstance(event, JobCancelled) else "shutdown")
             return
+        # (A job we are claiming right now: our claim will conflict; follow the log.)
         known = self._jobs.get(stored.job_id)
         if isinstance(event, JobCreated):
             if known is None:
@@ -704,10 +705,12 @@ class JobManager:
             self._follow_job(known, await self.store.get_job(stored.job_id))
 
     def _follow_job(self, known: Job | None, job: Job | None) -> None:
-        if job is None or job.id in self._running:
+        if job is None:
             return
         if job.status is Status.PENDING:
             self._jobs[job.id] = job
+            if job.id in self._running:
+                return  # being claimed here: the claim conflicts and re-reads
             if job.id in self.queue:
                 self.queue.discard(job.id)
                 self.queue.push(job)
@@ -735,6 +738,8 @@ class JobManager:
             self._jobs[job.id] = job
             if job.id not in self.queue:
                 self._admit(job)
+        elif job.is_active:
+            self._jobs.pop(job.id, None)  # another node runs it
         elif not job.is_active:
             self._jobs.pop(job.id, None)
             await self._settle_file(job)  # e.g. cancelled while we were claiming it

@@ -1,0 +1,211 @@
+"""Several nodes on one PostgreSQL log, in one process: each node is a Kernel of its own.
+
+Claims, the cluster-wide limit, following the other nodes, cancelling across nodes,
+recovery after a node's lease expires (and never before). The kill -9 of a node
+process is in test_cluster_kill.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from adapters import Kernel
+from adapters.postgres import PostgresEventStore
+from kernel.events import JobCompleted, JobFailed, JobStarted
+from kernel.state import Status, StoredEvent
+from kernel.task import BaseProcessor, JobContext
+from tests.integration.pgkit import fresh_schema, store_url
+
+pytestmark = pytest.mark.anyio
+
+
+class Sleep(BaseProcessor):
+    """Sleeps on the event loop; records where each job ran."""
+
+    def __init__(self, seconds: float = 0.02, ran: list[str] | None = None) -> None:
+        self.seconds = seconds
+        self.ran = ran if ran is not None else []
+
+    async def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
+        await anyio.sleep(self.seconds)
+        self.ran.append(ctx.job.id)
+        return {}
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    async for name in fresh_schema("mf_cluster"):
+        yield name
+
+
+@contextlib.asynccontextmanager
+async def node(schema: str, data_dir: Path, processor: BaseProcessor, **options: Any
+               ) -> AsyncIterator[Kernel]:
+    store = await PostgresEventStore.open(store_url(schema))
+    options.setdefault("lease_s", 2.0)
+    options.setdefault("heartbeat_s", 0.3)
+    async with Kernel.open(store, data_dir, drain_grace_s=5, **options) as kernel:
+        kernel.register_workflow("wf", processor)
+        await kernel.ready("wf")
+        yield kernel
+
+
+def inputs(data_dir: Path, count: int) -> list[str]:
+    inbox = data_dir / "wf" / "input"
+    inbox.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (inbox / f"f{i:04d}.txt").write_text(str(i))
+    return [f"f{i:04d}.txt" for i in range(count)]
+
+
+async def log_of(kernel: Kernel) -> list[StoredEvent]:
+    events: list[StoredEvent] = []
+    while batch := await kernel.events(after=events[-1].seq if events else 0, limit=5000):
+        events += batch
+    return events
+
+
+def most_running(events: list[StoredEvent]) -> int:
+    """The most jobs running at once, replayed from the log."""
+    running: set[str] = set()
+    most = 0
+    for stored in events:
+        if isinstance(stored.event, JobStarted):
+            running.add(stored.job_id)
+            most = max(most, len(running))
+        elif stored.job_id in running and not isinstance(stored.event, JobStarted) and \
+                type(stored.event).__name__ in ("JobCompleted", "JobFailed", "JobCancelled"):
+            running.discard(stored.job_id)
+    return most
+
+
+async def test_two_nodes_share_the_work_and_each_job_runs_once(schema: str, tmp_path: Path
+                                                              ) -> None:
+    names = inputs(tmp_path, 60)
+    ran_a: list[str] = []
+    ran_b: list[str] = []
+    async with node(schema, tmp_path, Sleep(0.02, ran_a), concurrency=None,
+                    node_concurrency=3) as a, \
+            node(schema, tmp_path, Sleep(0.02, ran_b), concurrency=None,
+                 node_concurrency=3) as b:
+        ids = [(await a.submit("wf", name)).id for name in names]
+        with anyio.fail_after(60):
+            for job_id in ids:
+                job = await b.wait(job_id)
+                assert job.status is Status.COMPLETED
+        events = await log_of(a)
+    assert sorted(ran_a + ran_b) == sorted(ids)  # each processor call once
+    assert ran_b, "the node that did not submit took none of the work"
+    completed = [s.job_id for s in events if isinstance(s.event, JobCompleted)]
+    assert sorted(completed) == sorted(ids)
+    assert most_running(events) <= 6
+    assert len(list((tmp_path / "wf" / "archive").rglob("*.txt"))) == 60
+
+
+async def test_the_cluster_wide_limit_holds_across_nodes(schema: str, tmp_path: Path) -> None:
+    names = inputs(tmp_path, 30)
+    async with node(schema, tmp_path, Sleep(0.01), concurrency=2, node_concurrency=2) as a, \
+            node(schema, tmp_path, Sleep(0.01), concurrency=2, node_concurrency=2) as b, \
+            node(schema, tmp_path, Sleep(0.01), concurrency=2, node_concurrency=2) as c:
+        ids = [(await (a, b, c)[i % 3].submit("wf", name)).id for i, name in enumerate(names)]
+        with anyio.fail_after(60):
+            for job_id in ids:
+                assert (await a.wait(job_id)).status is Status.COMPLETED
+        events = await log_of(a)
+    assert most_running(events) == 2
+    workers = {s.event.worker for s in events if isinstance(s.event, JobStarted)}
+    assert len(workers) >= 2, workers
+
+
+async def test_a_job_cancelled_on_another_node_stops_where_it_runs(schema: str, tmp_path: Path
+                                                                   ) -> None:
+    (name,) = inputs(tmp_path, 1)
+    async with node(schema, tmp_path, Sleep(30)) as runner, \
+            node(schema, tmp_path, Sleep(30)) as other:
+        job = await runner.submit("wf", name)
+        await until_running(other, job.id)
+        await other.cancel(job.id, actor="test", reason="not needed")
+        with anyio.fail_after(10):
+            done = await runner.wait(job.id)
+        assert done.status is Status.CANCELLED
+        await until(lambda: bool(list((tmp_path / "wf" / "error").glob(f"*{name}*"))))
+        assert not list((tmp_path / "wf" / "processing").iterdir())
+
+
+async def test_jobs_of_a_node_whose_lease_expired_are_recovered_by_another(
+        schema: str, tmp_path: Path) -> None:
+    """A node that died mid-job (its claim stands, its heartbeat stopped): the job is failed
+    as Interrupted once the lease runs out, and runs again elsewhere."""
+    (name,) = inputs(tmp_path, 1)
+    ghost = await PostgresEventStore.open(store_url(schema), node_id="ghost")
+    try:
+        await ghost.heartbeat(1.0)
+        created = await _submit_raw(ghost, f"wf/input/{name}")
+        await ghost.append(created, [JobStarted(job_id=created, at=datetime.now(UTC),
+                                                attempt=1, worker="ghost")], 1)
+    finally:
+        await ghost._pool.close()  # dies: no leave(), the lease just runs out
+    async with node(schema, tmp_path, Sleep(0.01)) as survivor:
+        assert (await survivor.get_job(created)).status is Status.RUNNING  # type: ignore[union-attr]
+        with anyio.fail_after(15):
+            job = await survivor.wait(created)
+        assert job.status is Status.COMPLETED
+        events = await survivor.job_events(created)
+    failed = [s.event for s in events if isinstance(s.event, JobFailed)]
+    assert [f.error_type for f in failed] == ["Interrupted"]
+    assert "ghost" in failed[0].message
+    assert next(s.event.worker for s in events if isinstance(s.event, JobStarted)) == "ghost"
+
+
+async def test_a_starting_node_leaves_the_jobs_of_live_nodes_alone(schema: str, tmp_path: Path
+                                                                   ) -> None:
+    (name,) = inputs(tmp_path, 1)
+    async with node(schema, tmp_path, Sleep(1.5)) as first:
+        job = await first.submit("wf", name)
+        await until_running(first, job.id)
+        async with node(schema, tmp_path, Sleep(0.01)) as second:
+            await anyio.sleep(0.5)  # a few heartbeats and sweeps of the second node
+            with anyio.fail_after(10):
+                done = await second.wait(job.id)
+    assert done.status is Status.COMPLETED
+    events = await _events(schema, job.id)
+    assert not [s for s in events if isinstance(s.event, JobFailed)]
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    with anyio.fail_after(timeout_s):
+        while not condition():  # noqa: ASYNC110 (a file system condition: nothing to wait on)
+            await anyio.sleep(0.02)
+
+
+async def until_running(kernel: Kernel, job_id: str) -> None:
+    with anyio.fail_after(10):
+        while True:
+            job = await kernel.get_job(job_id)
+            if job is not None and job.status is Status.RUNNING:
+                return
+            await anyio.sleep(0.02)
+
+
+async def _submit_raw(store: PostgresEventStore, file_path: str) -> str:
+    from kernel.events import JobCreated
+
+    job_id = "01GHOSTJOB00000000000000000"
+    await store.append(job_id, [JobCreated(job_id=job_id, at=datetime.now(UTC),
+                                           workflow_name="wf", file_path=file_path)], 0)
+    return job_id
+
+
+async def _events(schema: str, job_id: str) -> list[StoredEvent]:
+    store = await PostgresEventStore.open(store_url(schema))
+    try:
+        return await store.read_job(job_id)
+    finally:
+        await store.close()
