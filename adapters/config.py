@@ -29,10 +29,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Every global setting; `.env.example` lists them with their environment names."""
 
     data_dir: str = "data"
-    store: str | None = None  # sqlite:///PATH or memory://; default DATA_DIR/multiflow.db
+    store: str | None = None  # sqlite:///PATH, postgresql://..., memory://; default: DATA_DIR
     host: str = "127.0.0.1"
     port: int = 8000
-    concurrency: int = 1
+    concurrency: int = 1  # jobs at once; on PostgreSQL across all nodes (0: no such limit)
+    node_concurrency: int | None = None  # on PostgreSQL: jobs at once on this node
+    lease_s: float = 15.0  # on PostgreSQL: a dead node's jobs are recovered after this
+    heartbeat_s: float = 3.0  # on PostgreSQL: how often a node renews its lease
     aging_interval_s: float = 60.0
     drain_grace_s: float = 30.0
     auth: Literal["on", "off"] = "on"
@@ -60,7 +63,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "port", "must be within 1..65535")
-        _check(1 <= self.concurrency <= 1024, "concurrency", "must be within 1..1024")
+        _check(0 <= self.concurrency <= 1024, "concurrency", "must be within 1..1024")
+        _check(self.concurrency >= 1 or (self.node_concurrency is not None and self.shared),
+               "concurrency", "0 (no cluster-wide limit) needs a PostgreSQL store and "
+               "node_concurrency")
+        _check(self.node_concurrency is None or 1 <= self.node_concurrency <= 1024,
+               "node_concurrency", "must be within 1..1024")
+        _check(0 < self.heartbeat_s < self.lease_s, "heartbeat_s",
+               "must be positive and shorter than lease_s")
         _check(self.drain_grace_s >= 0, "drain_grace_s", "must not be negative")
         _check(self.aging_interval_s > 0, "aging_interval_s", "must be positive")
         _check(self.rate_limit_per_s > 0 and self.rate_limit_burst >= 1, "rate_limit_per_s",
@@ -82,6 +92,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def data_path(self) -> Path:
         """The data root as a Path."""
         return Path(self.data_dir)
+
+    @property
+    def shared(self) -> bool:
+        """True when the store is PostgreSQL: several nodes may share it."""
+        return (self.store or "").startswith(("postgresql://", "postgres://"))
 
     def binds_loopback(self) -> bool:
         """True when the server listens on a loopback address only."""

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from adapters.http.state import AppState
 from adapters.logs import configure_logging
 from adapters.maintenance import cleanup_daily
 from adapters.notify.service import start_notifications
+from adapters.singleton import run_singleton
 
 log = structlog.get_logger("multiflow.run")
 
@@ -50,10 +52,14 @@ class _Server(uvicorn.Server):
               default=None, help="A multiflow.toml (default: ./multiflow.toml if present).")
 @click.option("--data-dir", default=None, help="The data root [default: data].")
 @click.option("--store", default=None,
-              help="sqlite:///PATH or memory:// [default: DATA/multiflow.db].")
+              help="sqlite:///PATH, postgresql://user@host/db?schema=NAME (several nodes) "
+                   "or memory:// [default: DATA/multiflow.db].")
 @click.option("--host", default=None, help="Address to bind [default: 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port [default: 8000].")
-@click.option("--concurrency", type=int, default=None, help="Jobs at once, all workflows [1].")
+@click.option("--concurrency", type=int, default=None,
+              help="Jobs at once, all workflows; in a cluster, on all nodes together [1].")
+@click.option("--node-concurrency", type=int, default=None,
+              help="In a cluster: jobs at once on this node [--concurrency].")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default=None)
 def run(config_file: Path | None, **flags: Any) -> None:
     """Run multiflow: the event log, the JobManager, the workflows, the API and the watchers."""
@@ -101,14 +107,18 @@ async def _serve(settings: Settings, signals: Any) -> None:
         print(f"multiflow: created an API token (kept in {settings.data_dir}/.api-token):\n"
               f"  {fresh}", flush=True)
     async with Kernel.open(store=settings.store, data_dir=settings.data_path,
-                           concurrency=settings.concurrency,
+                           concurrency=settings.concurrency or None,
+                           node_concurrency=settings.node_concurrency,
+                           lease_s=settings.lease_s, heartbeat_s=settings.heartbeat_s,
                            aging_interval_s=settings.aging_interval_s,
                            drain_grace_s=settings.drain_grace_s,
                            scanner=settings.scanner) as kernel:
         state = AppState(kernel=kernel, settings=settings, tokens=tokens,
                          scanner_ping=kernel.scanner.reachable if kernel.scanner else None)
         state.workflow_problems.update(register_all(kernel, settings))
-        state.alerts = await start_notifications(kernel, settings)
+        await kernel._tg.start(partial(
+            run_singleton, kernel.manager.cluster, "notifications",
+            partial(_notify, state), on_stop=partial(setattr, state, "alerts", None)))
         server = _Server(uvicorn.Config(
             create_app(state), host=settings.host, port=settings.port, log_config=None,
             access_log=False, lifespan="off", timeout_graceful_shutdown=5))
@@ -135,9 +145,19 @@ async def _serve(settings: Settings, signals: Any) -> None:
 
 async def _upkeep(kernel: Kernel, settings: Settings, scope: anyio.CancelScope, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    """The daily archive cleanup, in its own scope so that shutdown can end it."""
+    """The daily archive cleanup (on one node of a cluster), in its own scope so that
+    shutdown can end it."""
+
+    async def work(tg: anyio.abc.TaskGroup) -> None:
+        await tg.start(partial(cleanup_daily, kernel, settings))
+
     with scope:
-        await cleanup_daily(kernel, settings, task_status=task_status)
+        await run_singleton(kernel.manager.cluster, "cleanup", work, task_status=task_status)
+
+
+async def _notify(state: AppState, tg: anyio.abc.TaskGroup) -> None:
+    """Webhooks and alerts (on one node of a cluster)."""
+    state.alerts = await start_notifications(state.kernel, state.settings, tg)
 
 
 async def _serve_http(server: _Server) -> None:

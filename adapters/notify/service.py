@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import anyio.abc
 import structlog
 
 from adapters.notify.alerts import AlertEngine
@@ -17,8 +18,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("multiflow.notify")
 
 
-async def start_notifications(kernel: Kernel, settings: Settings) -> AlertEngine | None:
-    """Start the webhook consumers and the alert engine in the kernel's task group."""
+async def start_notifications(kernel: Kernel, settings: Settings,
+                              tg: anyio.abc.TaskGroup | None = None) -> AlertEngine | None:
+    """Start the webhook consumers and the alert engine in `tg` (the kernel's task group
+    by default; in a cluster, the task group of the node that holds the lease)."""
+    group = tg if tg is not None else kernel._tg
     store: Any = kernel.store
     if not hasattr(store, "get_checkpoint"):
         if settings.webhooks or settings.alerts:
@@ -27,10 +31,10 @@ async def start_notifications(kernel: Kernel, settings: Settings) -> AlertEngine
     records: NotificationStore = store
     for target in settings.webhooks:
         consumer = WebhookConsumer(target, kernel.store, records)
-        await kernel._tg.start(consumer.run)
+        await group.start(consumer.run)
         log.info("webhook_started", **describe(target))
     if not settings.alerts:
         return None
     engine = AlertEngine(kernel, settings.alerts, settings.webhooks, records)
-    await kernel._tg.start(engine.run)
+    await group.start(engine.run)
     return engine
