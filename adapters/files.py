@@ -191,10 +191,11 @@ class HotFolders:
         for path in strays:
             job_id, _, _ = path.name.partition("--")
             job = await jobs.get_job(job_id)
-            if job is not None and not job.is_active:
-                await self.settle(job)
-            else:
+            if job is None:
                 await anyio.to_thread.run_sync(self._return_orphan, workflow_name, path)
+            elif not job.is_active:
+                await self.settle(job)
+            # else: claimed since `active` was read (by another node, say): its own file
         owned = {job.file_path for job in active}
         # A name that is not UTF-8 never had a job (the watcher refuses it).
         candidates = [relative for name in waiting if _is_utf8(name)
