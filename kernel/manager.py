@@ -126,6 +126,7 @@ class JobManager:
         self._wakeup = anyio.Event()
         self._waiters: dict[str, anyio.Event] = {}
         self._unsettled: set[str] = set()  # terminal, but the file is still on its way
+        self._all_settled = anyio.Event()
         self._blocked_until: dict[str, float] = {}
         self._claiming = True
         self._tg: anyio.abc.TaskGroup | None = None
@@ -314,6 +315,10 @@ class JobManager:
             while self._running:
                 self._idle = anyio.Event()
                 await self._idle.wait()
+        with anyio.move_on_after(5.0):
+            while self._unsettled:  # files on their way to archive/ or error/
+                self._all_settled = anyio.Event()
+                await self._all_settled.wait()
 
     async def _schedule(self) -> None:
         while True:
@@ -671,6 +676,16 @@ class JobManager:
             except Rejected:
                 continue  # another node was first
             await self._settle(interrupted)
+        for node in await cluster.dead_nodes():
+            # A node that died between a terminal event and its file's move: finish the
+            # move for it (settling is idempotent), then forget the node.
+            for job in await cluster.finished_by(node):
+                if job.workflow_name in self.workflows:
+                    await self.files.settle(job)
+            if await self._orphans([j for j in await cluster.running_jobs()
+                                    if j.worker == node]):
+                continue  # some of its running jobs wait for a node with their workflow
+            await cluster.forget_node(node)
 
     async def _follow(self, cluster: Cluster, after: int) -> None:
         """Keep the queue in step with what the other nodes append."""
@@ -723,8 +738,10 @@ class JobManager:
             self._done_here(job.id)
 
     def _done_here(self, job_id: str) -> None:
-        """A job ended whose file another node moves: wake whoever waits for it here."""
+        """A job's file is where it ends (or another node moves it): wake its waiters."""
         self._unsettled.discard(job_id)
+        if not self._unsettled:
+            self._all_settled.set()
         waiter = self._waiters.pop(job_id, None)
         if waiter is not None:
             waiter.set()
@@ -832,8 +849,5 @@ class JobManager:
         try:
             await self.files.settle(job)
         finally:
-            self._unsettled.discard(job.id)
-            waiter = self._waiters.pop(job.id, None)
-            if waiter is not None:
-                waiter.set()
+            self._done_here(job.id)
 

@@ -228,6 +228,20 @@ class Cluster(Protocol):
         """End this node's lease now (a clean shutdown)."""
         ...
 
+    async def dead_nodes(self) -> list[str]:
+        """Nodes whose leases expired and that no node has cleaned up after yet."""
+        ...
+
+    async def finished_by(self, node_id: str) -> list[Job]:
+        """Jobs that ended while `node_id` held them (completed, failed or cancelled in its
+        last lease): their files may still wait in processing/ if it died before moving
+        them."""
+        ...
+
+    async def forget_node(self, node_id: str) -> None:
+        """Drop a dead node once its jobs and files are recovered."""
+        ...
+
     async def hold_lease(self, name: str, lease_s: float) -> bool:
         """Take or renew the cluster-wide lease `name` (e.g. "notifications") for this node;
         True while this node holds it."""

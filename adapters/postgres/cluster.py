@@ -65,6 +65,17 @@ class Membership:
         await self._execute("DELETE FROM leases WHERE holder = %s", (self.node_id,))
         await self._execute("DELETE FROM nodes WHERE node_id = %s", (self.node_id,))
 
+    async def dead_nodes(self) -> list[str]:
+        """Nodes whose leases expired (their rows stay until `forget_node`)."""
+        rows = await self._fetch("SELECT node_id FROM nodes WHERE lease_until < now() "
+                                 "ORDER BY lease_until", ())
+        return [row[0] for row in rows]
+
+    async def forget_node(self, node_id: str) -> None:
+        """Drop a dead node's row (only if its lease is still expired)."""
+        await self._execute("DELETE FROM nodes WHERE node_id = %s AND lease_until < now()",
+                            (node_id,))
+
     async def hold_lease(self, name: str, lease_s: float) -> bool:
         """Take the lease `name` if free or expired, renew it if ours; True if ours now."""
         rows = await self._fetch(_HOLD, {"name": name, "node": self.node_id, "lease": lease_s})

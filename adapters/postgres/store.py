@@ -339,6 +339,23 @@ class PostgresEventStore:
                                  "ORDER BY created_seq")
         return [job_decoder.decode(body) for (body,) in rows]
 
+    async def dead_nodes(self) -> list[str]:
+        """Nodes whose leases expired and that nobody cleaned up after yet."""
+        return await self._membership.dead_nodes()
+
+    async def finished_by(self, node_id: str) -> list[Job]:
+        """Jobs that ended while `node_id` held them, since it started."""
+        rows = await self._fetch(
+            "SELECT j.body FROM jobs j JOIN nodes n ON n.node_id = %s "
+            "WHERE j.status IN ('completed', 'failed', 'cancelled') "
+            "AND j.updated_us >= (extract(epoch FROM n.started_at) * 1000000)::bigint "
+            "AND j.body::json->>'worker' = %s ORDER BY j.created_seq", (node_id, node_id))
+        return [job_decoder.decode(body) for (body,) in rows]
+
+    async def forget_node(self, node_id: str) -> None:
+        """Drop a dead node's row once it has been cleaned up after."""
+        await self._membership.forget_node(node_id)
+
     async def leave(self) -> None:
         """End this node's lease and give up the leases it holds."""
         await self._membership.leave()
