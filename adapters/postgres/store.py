@@ -285,14 +285,35 @@ class PostgresEventStore:
         return [ChainRow(r[0], r[1], r[2], r[3], r[4].encode(), r[5]) for r in rows]
 
     async def tail(self, after: int = 0) -> AsyncIterator[StoredEvent]:
-        """Every event after `after`, then each new one as it is committed (any node)."""
-        async for stored in self._notifier.follow(self.read_all, after, POLL_S):
+        """Every event after `after`, then each new one as it is committed (any node).
+
+        The database going away does not end it: it waits, reconnecting with backoff.
+        """
+        async for stored in self._notifier.follow(self._read_all_patiently, after, POLL_S):
             yield stored
 
-    async def tail_others(self, after: int = 0) -> AsyncIterator[StoredEvent]:
-        """Every event after `after` that another node appended, as they are committed."""
+    async def _read_all_patiently(self, after: int, limit: int) -> list[StoredEvent]:
+        events: list[StoredEvent] = await self._patiently(self.read_all, after, limit)
+        return events
+
+    async def _patiently(self, read: Any, *args: object) -> Any:
+        """`read(*args)`, retried with backoff while the database is unreachable."""
+        failures = 0
         while True:
-            rows = await self._fetch(
+            try:
+                return await read(*args)
+            except StoreUnavailable:
+                if self._closed:
+                    raise
+                failures += 1
+                await anyio.sleep(min(5.0, 0.05 * 2**min(failures, 7)))
+
+    async def tail_others(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """Every event after `after` that another node appended, as they are committed
+        (waiting out a lost database, like `tail`)."""
+        while True:
+            rows = await self._patiently(
+                self._fetch,
                 "SELECT seq, job_id, version, CASE WHEN node <> %s THEN payload END, hash "
                 "FROM events WHERE seq > %s ORDER BY seq LIMIT 1000", (self.node_id, after))
             for seq, job_id, version, payload, chain_hash in rows:
