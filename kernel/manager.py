@@ -17,6 +17,7 @@ as Interrupted the running jobs of nodes whose leases expired.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -140,6 +141,7 @@ class JobManager:
         self._lease_ok = True
         self._cluster_full_until = 0.0  # a cluster-wide limit was reached: wait for a finish
         self._claim_in_flight = False
+        self._peers = 0  # other live nodes, as of the last heartbeat: spares only then
 
     # -- public API ------------------------------------------------------------------
 
@@ -290,6 +292,7 @@ class JobManager:
             # would look abandoned to the other nodes.
             after = await self.store.last_seq()
             await self.cluster.heartbeat(self.lease_s)
+            self._peers = len(await self.cluster.live_nodes() - {self.cluster.node_id})
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if self.cluster is not None:
@@ -358,7 +361,7 @@ class JobManager:
         if free <= 0:
             return claims, 0
         limit = self.concurrency if self.cluster is None else \
-            len(self._running) + free + SPARE_CANDIDATES
+            len(self._running) + free + (SPARE_CANDIDATES if self._peers else 0)
         now = self.clock.now()
         while len(self._running) < limit:
             job = self.queue.pick(now, self._can_start)
@@ -658,6 +661,8 @@ class JobManager:
                         attempt.stop("shutdown")
                 continue
             renewed_s = started_s
+            with contextlib.suppress(StoreError):
+                self._peers = len(await cluster.live_nodes() - {cluster.node_id})
             if not self._lease_ok:
                 self._lease_ok = True
                 self._wake()

@@ -169,9 +169,10 @@ class PostgresEventStore:
         return [r.error if r.error is not None else r.result for r in requests]
 
     async def _write_group(self, requests: list[Request]) -> None:
+        # One pipeline: BEGIN, the lock and every read go out together, then the rows and
+        # COMMIT: two round trips and one fsync, however many appends the group holds.
         try:
-            async with self._pool.connection() as conn, conn.transaction():
-                await conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+            async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
                 batch = await self._prepare(conn, requests)
                 if batch.rows:
                     await self._insert(conn, batch)
@@ -183,28 +184,47 @@ class PostgresEventStore:
 
     async def _prepare(self, conn: psycopg.AsyncConnection[Any], requests: list[Request]
                        ) -> Batch:
-        head = await (await conn.execute(
-            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")).fetchone()
-        ledger = Ledger(head[0], head[1]) if head else Ledger()
-        known = await self._jobs_by_id(conn, {r.job_id for r in requests})
-        ledger.files.update(await self._file_owners(conn, requests, known))
-        keys = await self._key_owners(conn, requests)
-        batch = ledger.begin(known.get, lambda wf, key: keys.get((wf, key)))
+        """Read under the lock what the appends are checked against; stage them."""
+        await conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+        claims = [r for r in requests if r.limits is not None]
+        created = [e for r in requests for e in r.events if isinstance(e, JobCreated)]
+        retried = [r.job_id for r in requests if any(isinstance(e, JobRetried) for e in r.events)]
+        keyed = {(e.workflow_name, e.idempotency_key) for e in created
+                 if e.idempotency_key is not None}
+        head = await conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+        jobs = await conn.execute("SELECT body FROM jobs WHERE id = ANY(%s)",
+                                  (list({r.job_id for r in requests}),))
+        files = await conn.execute(
+            f"SELECT workflow_name, file_path, id FROM jobs WHERE status IN {ACTIVE_SQL} AND ("
+            "(workflow_name, file_path) IN (SELECT * FROM unnest(%s::text[], %s::text[])) OR "
+            "(workflow_name, file_path) IN (SELECT workflow_name, file_path FROM jobs "
+            "WHERE id = ANY(%s)))",
+            ([e.workflow_name for e in created], [e.file_path for e in created], retried)
+        ) if created or retried else None
+        keys = await conn.execute(
+            "SELECT workflow_name, idempotency_key, id FROM jobs WHERE (workflow_name, "
+            "idempotency_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([w for w, _ in keyed], [k for _, k in keyed])) if keyed else None
+        counts = await conn.execute(
+            "SELECT workflow_name, count(*) FROM jobs WHERE status = 'running' "
+            "GROUP BY workflow_name") if claims else None
+
+        top = await head.fetchone()
+        ledger = Ledger(top[0], top[1]) if top else Ledger()
+        known = {job.id: job for job in
+                 (job_decoder.decode(body) for (body,) in await jobs.fetchall())}
+        if files is not None:
+            ledger.files.update({(r[0], r[1]): r[2] for r in await files.fetchall()})
+        owners = {(r[0], r[1]): r[2] for r in await keys.fetchall()} if keys else {}
+        batch = ledger.begin(known.get, lambda wf, key: owners.get((wf, key)))
         for request in requests:
             if request.limits is None:
                 _stage(batch, request)
-        claims = [r for r in requests if r.limits is not None]
-        if claims:
-            running = await self._running_counts(conn)
+        if counts is not None:
+            running = {r[0]: int(r[1]) for r in await counts.fetchall()}
             _count_changes(running, known, batch)
             _take_claims(batch, claims, running)
         return batch
-
-    async def _running_counts(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
-        rows = await (await conn.execute(
-            "SELECT workflow_name, count(*) FROM jobs WHERE status = 'running' "
-            "GROUP BY workflow_name")).fetchall()
-        return {r[0]: int(r[1]) for r in rows}
 
     async def _insert(self, conn: psycopg.AsyncConnection[Any], batch: Batch) -> None:
         events = [(r.stored.seq, r.stored.job_id, r.stored.version, r.type_tag,
@@ -212,46 +232,6 @@ class PostgresEventStore:
                    self.node_id) for r in batch.rows]
         await write_rows(conn, events, list(batch.jobs.values()))
         await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self.node_id))
-
-    async def _jobs_by_id(self, conn: psycopg.AsyncConnection[Any], ids: set[str]
-                          ) -> dict[str, Job]:
-        rows = await (await conn.execute(
-            "SELECT body FROM jobs WHERE id = ANY(%s)", (list(ids),))).fetchall()
-        jobs = [job_decoder.decode(body) for (body,) in rows]
-        return {job.id: job for job in jobs}
-
-    async def _file_owners(self, conn: psycopg.AsyncConnection[Any],
-                           requests: list[Request], known: dict[str, Job]
-                           ) -> dict[tuple[str, str], str]:
-        wanted: set[tuple[str, str]] = set()
-        for request in requests:
-            for event in request.events:
-                if isinstance(event, JobCreated):
-                    wanted.add((event.workflow_name, event.file_path))
-                elif isinstance(event, JobRetried) and request.job_id in known:
-                    job = known[request.job_id]
-                    wanted.add((job.workflow_name, job.file_path))
-        if not wanted:
-            return {}
-        workflows, paths = zip(*wanted, strict=True)
-        rows = await (await conn.execute(
-            f"SELECT workflow_name, file_path, id FROM jobs WHERE status IN {ACTIVE_SQL} "
-            "AND (workflow_name, file_path) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
-            (list(workflows), list(paths)))).fetchall()
-        return {(r[0], r[1]): r[2] for r in rows}
-
-    async def _key_owners(self, conn: psycopg.AsyncConnection[Any],
-                          requests: list[Request]) -> dict[tuple[str, str], str]:
-        wanted = {(e.workflow_name, e.idempotency_key) for r in requests for e in r.events
-                  if isinstance(e, JobCreated) and e.idempotency_key is not None}
-        if not wanted:
-            return {}
-        workflows, keys = zip(*wanted, strict=True)
-        rows = await (await conn.execute(
-            "SELECT workflow_name, idempotency_key, id FROM jobs WHERE (workflow_name, "
-            "idempotency_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
-            (list(workflows), list(keys)))).fetchall()
-        return {(r[0], r[1]): r[2] for r in rows}
 
     # -- reads -----------------------------------------------------------------------
 
