@@ -140,7 +140,8 @@ class JobManager:
             self.worker_name = cluster.node_id
         self._lease_ok = True
         self._cluster_full_until = 0.0  # a cluster-wide limit was reached: wait for a finish
-        self._claim_in_flight = False
+        self._candidates = 0  # reserved in _running by claims in flight (in a cluster)
+        self._offered = 0  # the slots those claims offer
         self._peers = 0  # other live nodes, as of the last heartbeat: spares only then
 
     # -- public API ------------------------------------------------------------------
@@ -349,29 +350,32 @@ class JobManager:
     def _pick_claims(self) -> tuple[list[Job], int]:
         """The jobs to claim next, and how many of them may start (the free slots).
 
-        On one node these are the same. In a cluster, spare candidates follow (others may
-        take the first ones meanwhile) and one claim at a time is in flight, so that the
-        slots it offers are really free.
+        On one node these are the same. In a cluster, spare candidates follow when other
+        nodes are alive (they may take the first ones meanwhile); the slots offered by
+        claims in flight count as taken, so that claims made together never offer more
+        than this node's free slots.
         """
         claims: list[Job] = []
-        if not self._claiming or not self._lease_ok or self._claim_in_flight or \
+        if not self._claiming or not self._lease_ok or \
                 self._cluster_full_until > anyio.current_time():
             return claims, 0
-        free = self.concurrency - len(self._running)
+        busy = len(self._running) - self._candidates + self._offered
+        free = self.concurrency - busy
         if free <= 0:
             return claims, 0
-        limit = self.concurrency if self.cluster is None else \
-            len(self._running) + free + (SPARE_CANDIDATES if self._peers else 0)
+        spares = SPARE_CANDIDATES if self.cluster is not None and self._peers else 0
         now = self.clock.now()
-        while len(self._running) < limit:
+        while len(claims) < free + spares:
             job = self.queue.pick(now, self._can_start)
             if job is None:
                 break
             self._reserve(job)
             claims.append(job)
-        if claims and self.cluster is not None:
-            self._claim_in_flight = True
-        return claims, min(free, len(claims))
+        slots = min(free, len(claims))
+        if self.cluster is not None:
+            self._candidates += len(claims)
+            self._offered += slots
+        return claims, slots
 
     def _can_start(self, job: Job) -> bool:
         if job.id in self._running:
@@ -413,6 +417,7 @@ class JobManager:
         """Append `first` and the claims of `claims` (at most `slots` of them start)
         together; start each claimed job."""
         at = self.clock.now()
+        picked = len(claims)
         appends = [Append(job.id, events, job.version) for job, events in first]
         startable: list[Job] = []
         for job in claims:
@@ -435,8 +440,9 @@ class JobManager:
         except StoreError as exc:
             results = [exc] * len(appends)
         finally:
-            if claims:
-                self._claim_in_flight = False
+            if self.cluster is not None:
+                self._candidates -= picked
+                self._offered -= slots
         outcomes = results[len(first):]
         for job, result in zip(claims, outcomes, strict=True):
             self._claimed(job, result)
