@@ -657,10 +657,13 @@ class JobManager:
         while True:
             await anyio.sleep(self.heartbeat_s)
             started_s = anyio.current_time()
+            # A renewal that hangs must not outlast the lease: give up in time to stop.
+            patience_s = max(0.05, renewed_s + self.lease_s - self.heartbeat_s - started_s)
             try:
-                await cluster.heartbeat(self.lease_s)
-            except StoreError:
-                if anyio.current_time() - renewed_s > self.lease_s - self.heartbeat_s and \
+                with anyio.fail_after(patience_s):
+                    await cluster.heartbeat(self.lease_s)
+            except (StoreError, TimeoutError):
+                if anyio.current_time() - renewed_s >= self.lease_s - self.heartbeat_s and \
                         self._lease_ok:
                     self._lease_ok = False
                     for attempt in list(self._running.values()):

@@ -19,6 +19,7 @@ import pytest
 from adapters import Kernel
 from adapters.postgres import PostgresEventStore
 from kernel.events import JobCompleted, JobFailed, JobStarted
+from kernel.ports import StoreUnavailable
 from kernel.state import Status, StoredEvent
 from kernel.task import BaseProcessor, JobContext
 from tests.integration.pgkit import fresh_schema, store_url
@@ -177,6 +178,32 @@ async def test_a_starting_node_leaves_the_jobs_of_live_nodes_alone(schema: str, 
     assert done.status is Status.COMPLETED
     events = await _events(schema, job.id)
     assert not [s for s in events if isinstance(s.event, JobFailed)]
+
+
+async def test_a_node_that_cannot_renew_its_lease_stops_its_jobs(schema: str, tmp_path: Path
+                                                                ) -> None:
+    """Before its lease runs out (and another node may start the job again), a node that
+    lost touch stops claiming and interrupts its own processors."""
+    (name,) = inputs(tmp_path, 1)
+    async with node(schema, tmp_path, Sleep(30), lease_s=1.0, heartbeat_s=0.2) as lonely:
+        job = await lonely.submit("wf", name)
+        await until_running(lonely, job.id)
+        store: Any = lonely.store
+
+        async def unreachable(lease_s: float) -> bool:
+            raise StoreUnavailable("PostgreSQL at test is unreachable")
+
+        store.heartbeat = unreachable
+        with anyio.fail_after(5):
+            while True:
+                current = await lonely.store.get_job(job.id)
+                assert current is not None
+                if current.status is not Status.RUNNING:
+                    break
+                await anyio.sleep(0.05)
+        assert current.error is not None and current.error.type == "Interrupted"
+        assert lonely.manager.running_jobs() == []
+        assert not lonely.manager.claiming or not lonely.manager._lease_ok
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
