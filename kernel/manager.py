@@ -717,9 +717,10 @@ class JobManager:
             self._wake()
         attempt = self._running.get(stored.job_id)
         if attempt is not None and attempt.job.status is Status.RUNNING:
-            # Running here, changed elsewhere: cancelled, or recovered after our lease
-            # lapsed. Stop the processor; its outcome is fenced off by the version.
-            if ends and not attempt.finishing:
+            # Running here, changed elsewhere since our claim: cancelled, or recovered
+            # after our lease lapsed. Stop the processor; its outcome is fenced off by the
+            # version. (An older event, read late, says nothing about this attempt.)
+            if ends and not attempt.finishing and stored.version > attempt.job.version:
                 attempt.stop("cancel" if isinstance(event, JobCancelled) else "shutdown")
             return
         # (A job we are claiming right now: our claim will conflict; follow the log.)

@@ -18,7 +18,7 @@ import pytest
 
 from adapters import Kernel
 from adapters.postgres import PostgresEventStore
-from kernel.events import JobCompleted, JobFailed, JobStarted
+from kernel.events import JobCancelled, JobCompleted, JobFailed, JobStarted
 from kernel.ports import StoreUnavailable
 from kernel.state import Status, StoredEvent
 from kernel.task import BaseProcessor, JobContext
@@ -204,6 +204,27 @@ async def test_a_node_that_cannot_renew_its_lease_stops_its_jobs(schema: str, tm
         assert current.error is not None and current.error.type == "Interrupted"
         assert lonely.manager.running_jobs() == []
         assert not lonely.manager.claiming or not lonely.manager._lease_ok
+
+
+async def test_an_old_event_read_late_does_not_stop_a_newer_attempt(schema: str, tmp_path: Path
+                                                                   ) -> None:
+    """The follower may lag: a JobFailed of the previous attempt, read after this node
+    claimed the retry, says nothing about the attempt running now."""
+    (name,) = inputs(tmp_path, 1)
+    async with node(schema, tmp_path, Sleep(30)) as here:
+        job = await here.submit("wf", name)
+        await until_running(here, job.id)
+        (attempt,) = [a for a in here.manager._running.values() if a.job.id == job.id]
+        now = datetime.now(UTC)
+        stale = StoredEvent(seq=1, job_id=job.id, version=attempt.job.version, event=JobFailed(
+            job_id=job.id, at=now, attempt=0, error_type="Interrupted", message="old",
+            retry_at=now))
+        await here.manager._foreign(stale)
+        assert attempt.stop_reason is None
+        newer = StoredEvent(seq=99, job_id=job.id, version=attempt.job.version + 1,
+                            event=JobCancelled(job_id=job.id, at=now, actor="elsewhere"))
+        await here.manager._foreign(newer)
+        assert attempt.stop_reason == "cancel"
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
