@@ -25,7 +25,22 @@ data_dir_option = click.option(
     show_default=True, envvar="MULTIFLOW_DATA_DIR", help="The data root (holds multiflow.db).")
 store_option = click.option(
     "--store", default=None, envvar="MULTIFLOW_STORE",
-    help="Store URL (sqlite:///PATH); default: DATA_DIR/multiflow.db.")
+    help="Store URL (sqlite:///PATH or postgresql://...); default: DATA_DIR/multiflow.db.")
+
+
+def is_postgres(store: str | None) -> bool:
+    """True for a postgresql:// store URL."""
+    return store is not None and store.startswith(("postgresql://", "postgres://"))
+
+
+async def open_for_reading(store: str | None, data_dir: Path) -> Any:
+    """The store a read-only command works on: SQLite (read-only) or PostgreSQL."""
+    if is_postgres(store):
+        from adapters.postgres import PostgresEventStore
+
+        assert store is not None
+        return await PostgresEventStore.open(store)
+    return await SqliteEventStore.open(sqlite_path(store, data_dir), readonly=True)
 
 
 def sqlite_path(store: str | None, data_dir: Path) -> Path:
@@ -61,7 +76,7 @@ def audit_verify(data_dir: Path, store: str | None) -> None:
     """Walk the hash chain; name the first event that was altered. Safe while running."""
 
     async def run() -> Any:
-        opened = await SqliteEventStore.open(sqlite_path(store, data_dir), readonly=True)
+        opened = await open_for_reading(store, data_dir)
         try:
             return await verify_chain(opened)
         finally:
@@ -83,9 +98,20 @@ def audit_verify(data_dir: Path, store: str | None) -> None:
 @data_dir_option
 @store_option
 def rebuild(data_dir: Path, store: str | None) -> None:
-    """Drop the job read model and replay the log into it (refused while a server runs)."""
+    """Drop the job read model and replay the log into it (refused while a server runs,
+    or on PostgreSQL while any node's lease is live)."""
 
     async def run() -> Any:
+        if is_postgres(store):
+            from adapters.postgres import PostgresEventStore
+            from adapters.postgres.rebuild import rebuild as rebuild_postgres
+
+            assert store is not None
+            shared = await PostgresEventStore.open(store)
+            try:
+                return await rebuild_postgres(shared)
+            finally:
+                await shared.close()
         opened = await SqliteEventStore.open(sqlite_path(store, data_dir))
         try:
             return await opened.rebuild()
@@ -112,7 +138,7 @@ def replay(data_dir: Path, store: str | None, at_: str, limit: int) -> None:
     seq, when = parse_point(at_)
 
     async def run() -> Any:
-        opened = await SqliteEventStore.open(sqlite_path(store, data_dir), readonly=True)
+        opened = await open_for_reading(store, data_dir)
         try:
             return await snapshot_at(opened, seq=seq, at=when)
         finally:
