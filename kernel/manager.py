@@ -13,11 +13,14 @@ its queue; a job cancelled elsewhere stops here), offers spare candidates with
 each claim so that nodes racing for the same queue head do not come away empty,
 lets the store enforce the cluster-wide limits under its append lock, and fails
 as Interrupted the running jobs of nodes whose leases expired.
+
+The duties beside the loop live in their own modules, as mixins: intake, recovery
+and progress in kernel/intake.py, the cluster's in kernel/nodes.py (their shared
+view of the manager is `kernel.host.ManagerHost`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -34,15 +37,17 @@ from kernel.decide import (
     CreateJob,
     FailJob,
     RecordDuplicate,
-    RefuseAtIntake,
     Rejected,
     ReportProgress,
     RetryJob,
     StartJob,
     decide,
 )
-from kernel.events import Event, JobCancelled, JobCompleted, JobCreated, JobFailed, JobRetried
+from kernel.events import Event
+from kernel.host import STORE_RETRY_MAX_S, Submitted, Workflow
+from kernel.intake import IntakeDuties
 from kernel.layout import check_workflow_name
+from kernel.nodes import ClusterDuties
 from kernel.ports import (
     Append,
     ClaimLimits,
@@ -55,7 +60,6 @@ from kernel.ports import (
     Executor,
     Files,
     NotClaimed,
-    ScannerUnavailable,
     StoreError,
     StoreFull,
     StoreUnavailable,
@@ -64,29 +68,13 @@ from kernel.queue import JobQueue
 from kernel.state import Job, Status, StoredEvent, apply
 from kernel.task import BaseProcessor
 
-SCANNER_RETRY_S = 5.0
-STORE_RETRY_MAX_S = 5.0
 CONFLICT_RETRIES_MAX = 5
 SPARE_CANDIDATES = 16  # offered beyond the free slots in a cluster, should others be faster
 
-
-class Workflow(msgspec.Struct, frozen=True, kw_only=True):
-    """A registered workflow: its processor, its settings and (for the shell) its watcher."""
-
-    name: str
-    processor: BaseProcessor
-    config: WorkflowConfig
-    watcher: Any = None
+__all__ = ["JobManager", "Submitted", "Workflow"]
 
 
-class Submitted(msgspec.Struct, frozen=True):
-    """What `submit` returns: the job, and whether this call created it."""
-
-    job: Job
-    created: bool
-
-
-class JobManager:
+class JobManager(IntakeDuties, ClusterDuties):
     """The central job queue and the loop that runs it (see the module docstring)."""
 
     def __init__(
@@ -553,258 +541,6 @@ class JobManager:
         else:
             await self._settle_file(job)
 
-    # -- intake and recovery -----------------------------------------------------------
-
-    def _admit(self, job: Job) -> None:
-        """A pending job enters the intake (first attempt) or the queue (a retry)."""
-        if job.status is not Status.PENDING:
-            return
-        if job.attempts == 0:
-            self._intake.append(job.id)
-            self._intake_ready.set()
-        else:
-            self.queue.push(job)
-            self._wake()
-
-    async def _intake_worker(self) -> None:
-        while True:
-            if not self._intake:
-                self._intake_ready = anyio.Event()
-                await self._intake_ready.wait()
-                continue
-            job = self._jobs.get(self._intake.popleft())
-            if job is None or job.status is not Status.PENDING:
-                continue  # cancelled, or claimed elsewhere, while it waited
-            await self._check_intake(job)
-
-    async def _check_intake(self, job: Job) -> None:
-        workflow = self.workflows.get(job.workflow_name)
-        if workflow is None:
-            return  # its pending jobs enter the queue when the workflow registers
-        try:
-            refusal = await self.files.intake(job, workflow.config, workflow.processor)
-        except ScannerUnavailable:
-            self._tg_start(self._readmit_later, job.id, SCANNER_RETRY_S)
-            return
-        current = self._jobs.get(job.id)
-        if current is None or current.status is not Status.PENDING:
-            return
-        if refusal is None:
-            self.queue.push(current)
-            self._wake()
-            return
-        try:
-            refused = await self._decide_and_append(job.id, lambda j: RefuseAtIntake(
-                job_id=j.id, at=self.clock.now(), error_type=refusal.error_type,
-                message=refusal.message))
-        except StoreError:
-            self._tg_start(self._readmit_later, job.id, STORE_RETRY_MAX_S)  # full or down
-            return
-        except Rejected:
-            return  # cancelled (or claimed elsewhere) while intake looked at it
-        await self._settle_file(refused)
-
-    async def _readmit_later(self, job_id: str, delay_s: float) -> None:
-        await anyio.sleep(delay_s)
-        job = self._jobs.get(job_id)
-        if job is not None:
-            self._admit(job)
-
-    async def recover(self, workflow: Workflow) -> None:
-        """Fail the workflow's jobs left running as Interrupted, reconcile files, queue."""
-        finished: list[Job] = []  # jobs whose attempts the interruption used up
-        running = [job for job in await self.store.active_jobs(workflow.name)
-                   if job.status is Status.RUNNING]
-        for job in await self._orphans(running):
-            interrupted = await self._interrupt(job, workflow.config)
-            if not interrupted.is_active:
-                finished.append(interrupted)
-        active = await self.store.active_jobs(workflow.name)
-        await self.files.reconcile(workflow.name, active, self.store)
-        for job in active:
-            if job.status is Status.PENDING:
-                self._jobs[job.id] = job
-                self._admit(job)
-        for job in finished:
-            await self._settle_file(job)
-
-    async def _orphans(self, running: list[Job]) -> list[Job]:
-        """The running jobs nobody runs: on one node, every one this manager does not run;
-        in a cluster, those whose node's lease has expired."""
-        if self.cluster is None:
-            return [job for job in running if job.id not in self._running]
-        live = await self.cluster.live_nodes()
-        return [job for job in running if job.worker not in live and job.id not in self._running]
-
-    async def _interrupt(self, job: Job, config: WorkflowConfig) -> Job:
-        at = self.clock.now()
-        when = retry_at(config, job.attempts, "Interrupted", at, self.entropy.random())
-        who = f"node {job.worker}" if self.cluster is not None and job.worker else "the process"
-        return await self._decide_and_append(job.id, lambda j: FailJob(
-            job_id=j.id, at=at, attempt=j.attempts, error_type="Interrupted",
-            message=f"{who} running this job stopped before it finished", retry_at=when))
-
-    # -- several nodes -----------------------------------------------------------------
-
-    async def _keep_alive(self, cluster: Cluster) -> None:
-        """Renew this node's lease; recover the jobs of nodes whose leases expired.
-
-        When the lease cannot be renewed before it runs out, other nodes will recover
-        this node's jobs: it stops claiming and interrupts its processors rather than
-        let the same job run twice.
-        """
-        renewed_s = anyio.current_time()
-        while True:
-            await anyio.sleep(self.heartbeat_s)
-            started_s = anyio.current_time()
-            # A renewal that hangs must not outlast the lease: give up in time to stop.
-            patience_s = max(0.05, renewed_s + self.lease_s - self.heartbeat_s - started_s)
-            try:
-                with anyio.fail_after(patience_s):
-                    await cluster.heartbeat(self.lease_s)
-            except (StoreError, TimeoutError):
-                if anyio.current_time() - renewed_s >= self.lease_s - self.heartbeat_s and \
-                        self._lease_ok:
-                    self._lease_ok = False
-                    for attempt in list(self._running.values()):
-                        attempt.stop("shutdown")
-                continue
-            renewed_s = started_s
-            with contextlib.suppress(StoreError):
-                self._peers = len(await cluster.live_nodes() - {cluster.node_id})
-            if not self._lease_ok:
-                self._lease_ok = True
-                self._wake()
-            try:
-                await self._recover_orphans(cluster)
-            except StoreError:
-                continue  # the next beat tries again
-
-    async def _recover_orphans(self, cluster: Cluster) -> None:
-        for job in await self._orphans(await cluster.running_jobs()):
-            workflow = self.workflows.get(job.workflow_name)
-            if workflow is None:
-                continue  # a node that has the workflow recovers it
-            try:
-                interrupted = await self._interrupt(job, workflow.config)
-            except Rejected:
-                continue  # another node was first
-            await self._settle(interrupted)
-        for node in await cluster.dead_nodes():
-            # A node that died between a terminal event and its file's move: finish the
-            # move for it (settling is idempotent), then forget the node.
-            for job in await cluster.finished_by(node):
-                if job.workflow_name in self.workflows:
-                    await self.files.settle(job)
-            if await self._orphans([j for j in await cluster.running_jobs()
-                                    if j.worker == node]):
-                continue  # some of its running jobs wait for a node with their workflow
-            await cluster.forget_node(node)
-
-    async def _follow(self, cluster: Cluster, after: int) -> None:
-        """Keep the queue in step with what the other nodes append."""
-        async for stored in cluster.tail_others(after):
-            try:
-                await self._foreign(stored)
-            except StoreError:
-                continue  # its effect reaches us later: a claim conflicts, a poll re-reads
-
-    async def _foreign(self, stored: StoredEvent) -> None:
-        event = stored.event
-        ends = isinstance(event, JobCancelled | JobFailed | JobCompleted)
-        if ends:
-            self._cluster_full_until = 0.0
-            self._wake()
-        attempt = self._running.get(stored.job_id)
-        if attempt is not None and attempt.job.status is Status.RUNNING:
-            # Running here, changed elsewhere since our claim: cancelled, or recovered
-            # after our lease lapsed. Stop the processor; its outcome is fenced off by the
-            # version. (An older event, read late, says nothing about this attempt.)
-            if ends and not attempt.finishing and stored.version > attempt.job.version:
-                attempt.stop("cancel" if isinstance(event, JobCancelled) else "shutdown")
-            return
-        # (A job we are claiming right now: our claim will conflict; follow the log.)
-        known = self._jobs.get(stored.job_id)
-        if isinstance(event, JobCreated):
-            if known is None:
-                self._follow_job(None, apply(None, stored))
-            return
-        if known is not None and known.version == stored.version - 1:
-            self._follow_job(known, apply(known, stored))
-        elif known is not None or isinstance(event, JobFailed | JobRetried):
-            self._follow_job(known, await self.store.get_job(stored.job_id))
-
-    def _follow_job(self, known: Job | None, job: Job | None) -> None:
-        if job is None:
-            return
-        if job.status is Status.PENDING:
-            self._jobs[job.id] = job
-            if job.id in self._running:
-                return  # being claimed here: the claim conflicts and re-reads
-            if job.id in self.queue:
-                self.queue.discard(job.id)
-                self.queue.push(job)
-            elif known is None or known.status is not Status.PENDING:
-                self._admit(job)
-            return
-        self._jobs.pop(job.id, None)
-        self.queue.discard(job.id)
-        if not job.is_active:
-            self._done_here(job.id)
-
-    def _done_here(self, job_id: str) -> None:
-        """A job's file is where it ends (or another node moves it): wake its waiters."""
-        self._unsettled.discard(job_id)
-        if not self._unsettled:
-            self._all_settled.set()
-        waiter = self._waiters.pop(job_id, None)
-        if waiter is not None:
-            waiter.set()
-
-    async def _refresh_pending(self, job_id: str) -> None:
-        """A claim lost its race: follow whatever the log now says of the job."""
-        job = await self.store.get_job(job_id)
-        if job is None or job.id in self._running:
-            return
-        if job.status is Status.PENDING:
-            self._jobs[job.id] = job
-            if job.id not in self.queue:
-                self._admit(job)
-        elif job.is_active:
-            self._jobs.pop(job.id, None)  # another node runs it
-        elif not job.is_active:
-            self._jobs.pop(job.id, None)
-            await self._settle_file(job)  # e.g. cancelled while we were claiming it
-
-    # -- progress ----------------------------------------------------------------------
-
-    async def _flush_progress(self) -> None:
-        """Append the latest progress of running jobs, at most once per interval each."""
-        while True:
-            await anyio.sleep(0.1)
-            now_s = anyio.current_time()
-            due = [a for a in self._running.values() if a.progress_due(now_s, self._interval(a))]
-            if not due:
-                continue
-            at = self.clock.now()
-            appends = []
-            for attempt in due:
-                fraction, message = attempt.take_progress(now_s)
-                appends.append(Append(attempt.job.id, decide(attempt.job, ReportProgress(
-                    job_id=attempt.job.id, at=at, attempt=attempt.job.attempts,
-                    fraction=fraction, message=message)), attempt.job.version))
-            try:
-                results = await self.store.append_batch(appends)
-            except StoreError:
-                continue  # progress is best effort; the next flush tries again
-            for attempt, result in zip(due, results, strict=True):
-                if not isinstance(result, StoreError) and not attempt.finishing:
-                    attempt.job = self._apply(attempt.job, result)
-
-    def _interval(self, attempt: Attempt) -> float:
-        workflow = self.workflows.get(attempt.job.workflow_name)
-        return workflow.config.progress_interval_s if workflow else 0.5
-
     # -- helpers -----------------------------------------------------------------------
 
     def _workflow(self, name: str) -> Workflow:
@@ -866,3 +602,11 @@ class JobManager:
         finally:
             self._done_here(job.id)
 
+    def _done_here(self, job_id: str) -> None:
+        """A job's file is where it ends (or another node moves it): wake its waiters."""
+        self._unsettled.discard(job_id)
+        if not self._unsettled:
+            self._all_settled.set()
+        waiter = self._waiters.pop(job_id, None)
+        if waiter is not None:
+            waiter.set()

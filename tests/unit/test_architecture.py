@@ -30,8 +30,9 @@ FORBIDDEN = frozenset(
     }
 )
 # Only the JobManager's async loop may use anyio; the decider and projections may not.
-# The manager and the attempt it runs form the async loop; the decider and the rest stay pure.
-ANYIO_ALLOWED_IN = frozenset({"manager.py", "attempt.py"})
+# The manager (with its duties: intake.py, nodes.py, host.py) and the attempt it runs form
+# the async loop; the decider and the rest stay pure.
+ANYIO_ALLOWED_IN = frozenset({"manager.py", "intake.py", "nodes.py", "host.py", "attempt.py"})
 
 
 def imported_modules(source: str) -> list[tuple[int, str]]:
