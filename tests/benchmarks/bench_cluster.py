@@ -52,7 +52,7 @@ def start_nodes(url: str, data_dir: Path, count: int, sleep_ms: float) -> list[A
             nodes.append(subprocess.Popen(
                 [sys.executable, str(NODE), url, str(data_dir), "--node-concurrency", "4",
                  "--concurrency", "0", "--sleep-ms", str(sleep_ms), "--lease-s", "15",
-                 "--heartbeat-s", "3"], stdout=log, stderr=subprocess.STDOUT))
+                 "--heartbeat-s", "3", "--no-output"], stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + 60
     while len(list(data_dir.glob("ready-*"))) < count:
         if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):

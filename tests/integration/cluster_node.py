@@ -1,7 +1,7 @@
 """One node of the cluster tests and benchmarks: a Kernel on a PostgreSQL store.
 
     python cluster_node.py STORE_URL DATA_DIR [--node-concurrency N] [--concurrency N]
-                           [--sleep-ms MS] [--lease-s S] [--heartbeat-s S]
+                           [--sleep-ms MS] [--lease-s S] [--heartbeat-s S] [--no-output]
 
 Registers the workflow `wf`, whose processor sleeps and then writes one output per
 input; writes `DATA_DIR/ready-{pid}` once it runs, and runs until SIGTERM (it drains
@@ -29,16 +29,18 @@ from kernel.task import BaseProcessor, JobContext  # noqa: E402
 
 
 class SleepThenWrite(BaseProcessor):
-    """Sleeps (the work), then writes `{input}.out` holding the job id."""
+    """Sleeps (the work), then writes `{input}.out` holding the job id (unless told not to)."""
 
-    def __init__(self, sleep_s: float) -> None:
+    def __init__(self, sleep_s: float, output: bool = True) -> None:
         self.sleep_s = sleep_s
+        self.output = output
 
     async def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
         if self.sleep_s:
             await anyio.sleep(self.sleep_s)
-        with ctx.open_output(ctx.input_path.name + ".out") as out:
-            out.write(ctx.job.id.encode())
+        if self.output:
+            with ctx.open_output(ctx.input_path.name + ".out") as out:
+                out.write(ctx.job.id.encode())
         return {}
 
 
@@ -48,7 +50,7 @@ async def main(args: argparse.Namespace) -> None:
         async with Kernel.open(args.store, data_dir, concurrency=args.concurrency or None,
                                node_concurrency=args.node_concurrency, lease_s=args.lease_s,
                                heartbeat_s=args.heartbeat_s, drain_grace_s=10) as kernel:
-            kernel.register_workflow("wf", SleepThenWrite(args.sleep_ms / 1000),
+            kernel.register_workflow("wf", SleepThenWrite(args.sleep_ms / 1000, not args.no_output),
                                      config=WorkflowConfig(max_attempts=10, backoff_base_s=0.1))
             await kernel.ready("wf")
             (data_dir / f"ready-{os.getpid()}").write_text(kernel.manager.worker_name)
@@ -65,4 +67,5 @@ if __name__ == "__main__":
     parser.add_argument("--sleep-ms", type=float, default=5)
     parser.add_argument("--lease-s", type=float, default=2.0)
     parser.add_argument("--heartbeat-s", type=float, default=0.3)
+    parser.add_argument("--no-output", action="store_true", help="the processor only sleeps")
     anyio.run(main, parser.parse_args())
