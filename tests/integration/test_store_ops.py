@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import anyio
@@ -14,7 +14,18 @@ from adapters.audit import snapshot_at, verify_chain
 from adapters.cli import main
 from adapters.sqlite import SqliteEventStore
 from adapters.sqlite.schema import MIGRATIONS, SCHEMA_VERSION, apply_migration
-from kernel.events import JobCompleted, JobCreated, JobStarted
+from adapters.sqlrows import JOB_COLUMNS
+from kernel.events import (
+    Event,
+    JobCancelled,
+    JobCompleted,
+    JobCreated,
+    JobDuplicateReceived,
+    JobFailed,
+    JobProgress,
+    JobRetried,
+    JobStarted,
+)
 from kernel.state import Status, replay
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -102,6 +113,76 @@ async def test_rebuild_reproduces_the_read_model(tmp_path: Path) -> None:
         await store.close()
     assert report.events == 40 + 20 + 10 and report.jobs == 40
     assert rebuilt == live
+
+
+async def fill_every_kind(path: Path) -> None:
+    """Jobs through every event type via the real append path, some left pending or running."""
+    later = T0 + timedelta(minutes=1)
+    east = timezone(timedelta(hours=2))
+    lives: dict[str, list[Event]] = {
+        "a": [JobStarted(job_id="a", at=T0, attempt=1, worker="n1"),
+              JobProgress(job_id="a", at=T0, fraction=0.5, message="half"),
+              JobFailed(job_id="a", at=T0, error_type="Timeout", message="slow", attempt=1,
+                        traceback="tb", retry_at=later),
+              JobStarted(job_id="a", at=later, attempt=2, worker="n2"),
+              JobCompleted(job_id="a", at=later, attempt=2, result={"rows": 3, "x": [1.5]},
+                           output_paths=["wf/output/a.json"])],
+        "b": [JobFailed(job_id="b", at=T0, error_type="TooLarge", message="refused"),
+              JobRetried(job_id="b", at=later, actor="cli", reason="try again"),
+              JobStarted(job_id="b", at=later, attempt=1),
+              JobCancelled(job_id="b", at=later, actor="api", reason="stop")],
+        "c": [JobStarted(job_id="c", at=T0, attempt=1),
+              JobCompleted(job_id="c", at=T0.astimezone(east), attempt=1),
+              JobDuplicateReceived(job_id="c", at=later, file_path="wf/input/c2.txt",
+                                   stored_path="wf/archive/duplicates/c", sha256="00")],
+        "d": [JobCancelled(job_id="d", at=T0, actor="cli")],
+        "e": [JobStarted(job_id="e", at=T0, attempt=1),
+              JobFailed(job_id="e", at=later.astimezone(east), error_type="Boom", message="é\x00")],
+        "f": [],
+        "g": [JobStarted(job_id="g", at=T0, attempt=1),
+              JobProgress(job_id="g", at=later, fraction=0.25)],
+    }
+    store = await SqliteEventStore.open(path)
+    try:
+        for job_id, events in lives.items():
+            await store.append(job_id, [JobCreated(
+                job_id=job_id, at=T0, workflow_name="wf", file_path=f"wf/input/{job_id}.txt",
+                channel_name="ch" if job_id in "ac" else None, priority=5 if job_id == "c" else 0,
+                params={"level": 6}, completeness="marker", idempotency_key=f"key-{job_id}")], 0)
+            for version, event in enumerate(events, start=1):
+                await store.append(job_id, [event], version)
+    finally:
+        await store.close()
+
+
+def jobs_table(path: Path) -> list[tuple[object, ...]]:
+    """Every row of the read model with the SQLite type of each value, by id."""
+    columns = [name.strip() for name in JOB_COLUMNS.split(",")]
+    typed = ", ".join(f"{name}, typeof({name})" for name in columns)
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT {typed} FROM jobs ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_rebuild_gives_back_the_rows_the_live_store_wrote(tmp_path: Path) -> None:
+    """After a rebuild every row, column and type is the one the appends wrote, indexes too."""
+    path = tmp_path / "every.db"
+    await fill_every_kind(path)
+    live = jobs_table(path)
+    store = await SqliteEventStore.open(path)
+    try:
+        report = await store.rebuild()
+        assert (await store.find_active("wf", "wf/input/f.txt")) is not None
+    finally:
+        await store.close()
+    assert report.jobs == 7 and len(live) == 7
+    assert jobs_table(path) == live
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    conn.close()
 
 
 def test_audit_verify_names_the_first_altered_event(tmp_path: Path) -> None:
