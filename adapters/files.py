@@ -19,7 +19,7 @@ import msgspec
 import structlog
 
 from adapters.context import FileJobContext
-from adapters.fsutil import TEMP_SUFFIX, move, write_bytes_atomic
+from adapters.fsutil import TEMP_SUFFIX, FileLane, move, write_bytes_atomic
 from adapters.intake import IntakeChecker
 from kernel import layout
 from kernel.config import WorkflowConfig
@@ -61,7 +61,12 @@ class HotFolders:
 
     def __init__(self, data_dir: str | Path, intake: IntakeChecker | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self._root = str(self.data_dir)
         self.intake_checker = intake or IntakeChecker()
+        # Concurrent jobs share thread hops: intake reads in one lane, the fsyncs that make
+        # moves durable in another (one fsync of a folder for every move made before it).
+        self._checks = FileLane()
+        self._syncs = FileLane()
 
     def ensure_layout(self, workflow_name: str) -> None:
         """Create the workflow's five folders."""
@@ -142,28 +147,41 @@ class HotFolders:
         A lexical check (no `..`, no absolute path, no NUL), not a resolve: the paths the
         lifecycle uses are built from names `input_file` already vetted, symlinks included.
         """
-        parts = relative.split("/")
-        if "\x00" in relative or relative.startswith("/") or ".." in parts:
+        return Path(self._path(relative))
+
+    def _path(self, relative: str) -> str:
+        """`absolute` as a string: the moves run per job, and pathlib costs more than they do."""
+        if "\x00" in relative or relative.startswith("/") or ".." in relative.split("/"):
             raise PathOutsideRoot(f"{relative!r} is outside the data root")
-        return self.data_dir / relative
+        return f"{self._root}/{relative}"
 
     # -- the Files port ----------------------------------------------------------------
 
     async def intake(self, job: Job, config: WorkflowConfig,
                      processor: BaseProcessor) -> Refusal | None:
         """Run the intake checks on a pending job's file (where it lies now)."""
-        return await anyio.to_thread.run_sync(self._intake, job, config, processor)
+        if config.scan:  # a scan waits on clamd: its own thread, never a shared batch
+            return await anyio.to_thread.run_sync(self._intake, job, config, processor)
+        return await self._checks.run(lambda _: self._intake(job, config, processor))
 
     def _intake(self, job: Job, config: WorkflowConfig,
                 processor: BaseProcessor) -> Refusal | None:
         path = self._find(job)
         if path is None:
             return Refusal("FileMissing", f"{job.file_path} is not there any more")
-        return self.intake_checker.check(path, config, processor)
+        return self.intake_checker.check(Path(path), config, processor)
 
     async def claim(self, job: Job) -> None:
-        """Move the file of a just-started job into processing/ (idempotent)."""
-        await anyio.to_thread.run_sync(self._claim, job)
+        """Move the file of a just-started job into processing/ (idempotent); durable
+        when this returns.
+
+        The rename is made here, on the event loop: a rename and a stat or two cost less
+        than the thread hop around them (as `input_file`'s lstat on every submit does).
+        Its folder's fsync runs in a worker thread, shared by every move made before it.
+        """
+        dirty: set[str] = set()
+        self._claim(job, dirty)
+        await self._sync(dirty)
 
     async def settle(self, job: Job) -> None:
         """Move a terminal job's file to archive/ or error/ (idempotent).
@@ -172,10 +190,21 @@ class HotFolders:
         reconciliation at the next start finishes the move.
         """
         try:
-            await anyio.to_thread.run_sync(self._settle, job)
+            dirty: set[str] = set()
+            target = self._settle(job, dirty)
+            await self._sync(dirty)
+            if job.status in (Status.FAILED, Status.CANCELLED):
+                report = msgspec.json.format(msgspec.json.encode(_report(job)))
+                await self._syncs.run(
+                    lambda _: write_bytes_atomic(Path(target + ERROR_SUFFIX), report))
         except OSError:
             log.exception("settle_failed", job_id=job.id, workflow_name=job.workflow_name,
                           target=job.current_path)
+
+    async def _sync(self, folders: set[str]) -> None:
+        """fsync `folders` in the sync lane (with every other folder waiting for one)."""
+        if folders:
+            await self._syncs.run(lambda dirty: dirty.update(folders))
 
     async def reconcile(self, workflow_name: str, active: Sequence[Job],
                         jobs: JobLookup) -> None:
@@ -239,36 +268,40 @@ class HotFolders:
 
     # -- the moves, in a worker thread -------------------------------------------------
 
-    def _candidates(self, job: Job) -> list[Path]:
+    def _candidates(self, job: Job) -> list[str]:
         """Every place the lifecycle may have left the job's file, most advanced first."""
         places = [layout.processing_path(job), layout.error_path(job), job.file_path]
         if job.finished_at is not None:
             places.insert(0, layout.archive_path(job, job.finished_at))
-        return [self.absolute(place) for place in places]
+        return [self._path(place) for place in places]
 
-    def _find(self, job: Job) -> Path | None:
-        for path in [self.absolute(job.current_path), *self._candidates(job)]:
-            if path.is_file():
-                return path
-        return None
+    def _find(self, job: Job) -> str | None:
+        current = self._path(job.current_path)
+        if os.path.isfile(current):
+            return current
+        return next((path for path in self._candidates(job) if os.path.isfile(path)), None)
 
-    def _claim(self, job: Job) -> None:
-        target = self.absolute(job.current_path)
-        if target.exists():
+    def _claim(self, job: Job, dirty: set[str]) -> None:
+        target = self._path(job.current_path)
+        if os.path.exists(target):
             return
         for source in self._candidates(job):
-            if source != target and source.is_file():
+            if source != target and os.path.isfile(source):
                 # Durable before the processor runs: were this rename lost in a power cut
                 # after the job completed, the file would reappear in input/ as new work.
-                move(source, target)
-                self._error_report_path(source).unlink(missing_ok=True)
+                # (The lane fsyncs processing/ once for every claim of its batch.)
+                move(source, target, dirty=dirty)
+                if source == self._path(layout.error_path(job)):  # an operator's retry
+                    Path(source + ERROR_SUFFIX).unlink(missing_ok=True)
                 return
         raise FileMissing(f"{job.file_path} is in none of input/, processing/, error/")
 
-    def _settle(self, job: Job) -> None:
-        target = self.absolute(job.current_path)
-        if not target.exists():
-            source = next((p for p in self._candidates(job) if p != target and p.is_file()), None)
+    def _settle(self, job: Job, dirty: set[str]) -> str:
+        """Move the file to where the job's status says; the target (absolute)."""
+        target = self._path(job.current_path)
+        if not os.path.exists(target):
+            source = next((p for p in self._candidates(job)
+                           if p != target and os.path.isfile(p)), None)
             if source is None:
                 log.warning("file_missing_at_settle", job_id=job.id, file_path=job.file_path)
             else:
@@ -276,11 +309,9 @@ class HotFolders:
                 # reconciliation finds the file there and settles it again from the log.
                 # From input/ (refused or cancelled before a start) the watcher would see
                 # it as new work, so that move is made durable.
-                from_input = source == self.absolute(job.file_path)
-                move(source, target, durable=from_input)
-        if job.status in (Status.FAILED, Status.CANCELLED):
-            write_bytes_atomic(self._error_report_path(target),
-                               msgspec.json.format(msgspec.json.encode(_report(job))))
+                from_input = source == self._path(job.file_path)
+                move(source, target, durable=from_input, dirty=dirty)
+        return target
 
     def _sweep(self, workflow_name: str, active: Sequence[Job]) -> tuple[list[Path], list[str]]:
         owned = {layout.stored_name(job) for job in active}
@@ -303,10 +334,6 @@ class HotFolders:
             target = self.data_dir / workflow_name / "error" / path.name
         move(path, target)
         log.warning("orphan_returned", path=str(path), to=str(target))
-
-    @staticmethod
-    def _error_report_path(path: Path) -> Path:
-        return path.with_name(path.name + ERROR_SUFFIX)
 
 
 def _is_utf8(name: str) -> bool:

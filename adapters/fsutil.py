@@ -1,18 +1,24 @@
-"""Durable file operations: atomic writes and renames that survive a power cut."""
+"""Durable file operations: atomic writes and renames that survive a power cut, and a
+lane that runs many of them per worker-thread hop."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
 
 TEMP_SUFFIX = ".multiflow-tmp"
+T = TypeVar("T")
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     """Make a rename or a new entry in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -56,16 +62,122 @@ def write_bytes_atomic(target: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def move(source: Path, target: Path, *, durable: bool = True) -> None:
+def move(source: str | Path, target: str | Path, *, durable: bool = True,
+         dirty: set[str] | None = None) -> None:
     """Rename `source` to `target`, never over an existing file; `durable` fsyncs the target's
     folder, which on journaling filesystems (ext4, xfs) commits the whole rename.
 
     A move that may be lost in a power cut without harm (reconciliation redoes it from
-    the log) passes `durable=False` and costs no fsync.
+    the log) passes `durable=False` and costs no fsync. With `dirty`, a durable move
+    adds the folder to that set instead, for its caller to fsync once for many moves
+    (see `FileLane`) before anyone relies on them.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
+    if os.path.exists(target):
         raise FileExistsError(f"{target} exists; refusing to overwrite it")
-    os.rename(source, target)
-    if durable:
-        fsync_dir(target.parent)
+    folder = os.path.dirname(target)
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        if not os.path.lexists(source):
+            raise
+        os.makedirs(folder, exist_ok=True)  # a new folder (an archive day, say)
+        os.rename(source, target)
+    if not durable:
+        return
+    if dirty is None:
+        fsync_dir(folder)
+    else:
+        dirty.add(folder)
+
+
+# A lane operation: it does its blocking work and adds to the set the folders whose
+# entries it changed and that must be durable before its caller resumes.
+LaneCall = Callable[[set[str]], T]
+
+
+class _LaneOp(Generic[T]):
+    __slots__ = ("abandoned", "call", "dirty", "done", "error", "lead", "result")
+
+    def __init__(self, call: LaneCall[T]) -> None:
+        self.call = call
+        self.dirty: set[str] = set()
+        self.done = anyio.Event()
+        self.lead = False  # handed the lead: this op's caller runs the next batch
+        self.abandoned = False  # its caller was cancelled while waiting: never a leader
+        self.result: T | None = None
+        self.error: BaseException | None = RuntimeError("the file lane stopped before it ran")
+
+
+class FileLane:
+    """Runs blocking file operations in a worker thread, as many per thread hop as are
+    waiting, then fsyncs once each folder the batch made dirty.
+
+    A thread hop costs more than a rename, and concurrent jobs move files into the same
+    few folders, so one hop and one fsync per batch replace one of each per file (the
+    durability each caller gets is the same: its folders are fsynced before it resumes).
+    The first caller with nothing running leads: it yields once, so operations issued
+    beside it join, and runs the batch; operations issued meanwhile wait, and the first
+    of them leads the next batch. Each operation succeeds or fails on its own.
+    """
+
+    def __init__(self) -> None:
+        self._queue: list[_LaneOp[Any]] = []
+        self._busy = False
+
+    async def run(self, call: LaneCall[T]) -> T:
+        """Run `call(dirty)` in the next batch; its result, or the exception it raised."""
+        op: _LaneOp[T] = _LaneOp(call)
+        self._queue.append(op)
+        if not self._busy:
+            self._busy = True
+            await self._lead()
+        else:
+            try:
+                await op.done.wait()
+            except BaseException:
+                op.abandoned = not op.lead  # it still runs, with the next batch
+                raise
+            finally:
+                if op.lead:  # even when cancelled: the ops queued behind need a leader
+                    await self._lead()
+        if op.error is not None:
+            raise op.error
+        return op.result  # type: ignore[return-value]
+
+    async def _lead(self) -> None:
+        # A batch once taken must finish and hand on: other callers wait on it.
+        with anyio.CancelScope(shield=True):
+            await anyio.lowlevel.checkpoint()
+            batch, self._queue = self._queue, []
+            try:
+                await anyio.to_thread.run_sync(_run_batch, batch)
+            finally:
+                for op in batch:
+                    op.lead = False
+                    op.done.set()
+                successor = next((op for op in self._queue if not op.abandoned), None)
+                if successor is None:
+                    self._busy = False  # abandoned ops left behind run with the next batch
+                else:
+                    successor.lead = True
+                    successor.done.set()
+
+
+def _run_batch(batch: list[_LaneOp[Any]]) -> None:
+    """In the worker thread: every operation, then one fsync per dirty folder."""
+    for op in batch:
+        try:
+            op.result, op.error = op.call(op.dirty), None
+        except Exception as exc:  # its own failure, handed to its own caller
+            op.error = exc
+    dirty = {folder for op in batch if op.error is None for folder in op.dirty}
+    failed: dict[str, OSError] = {}
+    for folder in sorted(dirty):
+        try:
+            fsync_dir(folder)
+        except OSError as exc:
+            failed[folder] = exc
+    for op in batch:
+        reason = next((failed[f] for f in op.dirty if f in failed), None)
+        if op.error is None and reason is not None:
+            op.error = reason

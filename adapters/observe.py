@@ -9,6 +9,7 @@ attempt) and metric updates, with one canonical line per finished job
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -38,13 +39,15 @@ class Observer:
         self.metrics = metrics
         self.last_seq = 0
         self._active: dict[str, Job] = {}
+        # Each metric's child per label values: `labels()` costs more than the update.
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         """Seed the gauges from the read model, then follow every new event."""
         self.last_seq = await self.store.last_seq()
         for (workflow, status), count in (await self.store.count_jobs()).items():
-            self.metrics.jobs.labels(workflow, status).set(count)
+            self._child(self.metrics.jobs, workflow, status).set(count)
         for job in await self.store.active_jobs():
             self._active[job.id] = job
         task_status.started()
@@ -84,8 +87,16 @@ class Observer:
         if before is not None and before.status is job.status:
             return
         if before is not None:
-            self.metrics.jobs.labels(before.workflow_name, str(before.status)).dec()
-        self.metrics.jobs.labels(job.workflow_name, str(job.status)).inc()
+            self._child(self.metrics.jobs, before.workflow_name, before.status.value).dec()
+        self._child(self.metrics.jobs, job.workflow_name, job.status.value).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once."""
+        key = (metric._name, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _log(self, stored: StoredEvent, job: Job) -> None:
         event, workflow = stored.event, job.workflow_name
@@ -94,8 +105,9 @@ class Observer:
         match event:
             case JobStarted():
                 if event.attempt == 1:
-                    self.metrics.intake.labels(workflow, "accepted", "").inc()
-                    self.metrics.wait.labels(workflow).observe(_seconds(job.created_at, event.at))
+                    self._child(self.metrics.intake, workflow, "accepted", "").inc()
+                    self._child(self.metrics.wait, workflow).observe(
+                        _seconds(job.created_at, event.at))
                 bound.debug("job_started", priority=job.priority)
             case JobFailed():
                 self._failed(bound, event, job)
@@ -111,9 +123,9 @@ class Observer:
 
     def _failed(self, bound: structlog.typing.FilteringBoundLogger, event: JobFailed,
                 job: Job) -> None:
-        self.metrics.failures.labels(job.workflow_name, event.error_type).inc()
+        self._child(self.metrics.failures, job.workflow_name, event.error_type).inc()
         if event.attempt == 0:
-            self.metrics.intake.labels(job.workflow_name, "refused", event.error_type).inc()
+            self._child(self.metrics.intake, job.workflow_name, "refused", event.error_type).inc()
         if event.retry_at is not None:
             bound.warning("job_attempt_failed", error_type=event.error_type,
                           error=event.message, retry_at=event.retry_at.isoformat())
@@ -122,10 +134,10 @@ class Observer:
 
     def _finished(self, bound: structlog.typing.FilteringBoundLogger, job: Job) -> None:
         status = str(job.status)
-        self.metrics.finished.labels(job.workflow_name, status).inc()
+        self._child(self.metrics.finished, job.workflow_name, status).inc()
         duration_s = _seconds(job.started_at, job.finished_at)
         if job.started_at is not None:
-            self.metrics.duration.labels(job.workflow_name).observe(duration_s)
+            self._child(self.metrics.duration, job.workflow_name).observe(duration_s)
         level = bound.info if job.status is Status.COMPLETED else bound.warning
         level("job_finished", status=status, duration_s=round(duration_s, 3),
               wait_s=round(_seconds(job.created_at, job.started_at or job.finished_at), 3),
