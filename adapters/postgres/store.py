@@ -66,24 +66,6 @@ from kernel.ports import (
 from kernel.state import Job, Status, StoredEvent
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_READ_UNDER_LOCK = f"""
-SELECT
-    (SELECT seq FROM events ORDER BY seq DESC LIMIT 1),
-    (SELECT hash FROM events ORDER BY seq DESC LIMIT 1),
-    (SELECT array_agg(body) FROM jobs WHERE id = ANY(%(ids)s)),
-    (SELECT json_agg(json_build_array(workflow_name, file_path, id)) FROM jobs
-        WHERE status IN {ACTIVE_SQL} AND (
-            (workflow_name, file_path) IN (SELECT * FROM unnest(%(workflows)s::text[],
-                                                                %(paths)s::text[]))
-            OR (workflow_name, file_path) IN (SELECT workflow_name, file_path FROM jobs
-                                              WHERE id = ANY(%(retried)s)))),
-    (SELECT json_agg(json_build_array(workflow_name, idempotency_key, id)) FROM jobs
-        WHERE (workflow_name, idempotency_key) IN (
-            SELECT * FROM unnest(%(key_workflows)s::text[], %(keys)s::text[]))),
-    (SELECT json_object_agg(workflow_name, n) FROM (
-        SELECT workflow_name, count(*) AS n FROM jobs WHERE %(counts)s AND status = 'running'
-        GROUP BY workflow_name) AS running)
-"""
 POLL_S = 0.5  # how often a follower looks for other nodes' events when no NOTIFY came
 StoreResult = list[StoredEvent] | StoreError
 
@@ -206,31 +188,40 @@ class PostgresEventStore:
         await conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")
         claims = [r for r in requests if r.limits is not None]
         created = [e for r in requests for e in r.events if isinstance(e, JobCreated)]
+        retried = [r.job_id for r in requests if any(isinstance(e, JobRetried) for e in r.events)]
         keyed = {(e.workflow_name, e.idempotency_key) for e in created
                  if e.idempotency_key is not None}
-        # One statement (its snapshot taken after the lock), one row: the head, the jobs
-        # appended to, the active owners of their files, the keys, the running counts.
-        cursor = await conn.execute(_READ_UNDER_LOCK, {
-            "ids": list({r.job_id for r in requests}),
-            "retried": [r.job_id for r in requests
-                        if any(isinstance(e, JobRetried) for e in r.events)],
-            "workflows": [e.workflow_name for e in created],
-            "paths": [e.file_path for e in created],
-            "key_workflows": [w for w, _ in keyed], "keys": [k for _, k in keyed],
-            "counts": bool(claims)})
-        row = await cursor.fetchone()
-        assert row is not None  # a SELECT without FROM answers one row
-        top_seq, top_hash, bodies, files, keys, counts = row
-        ledger = Ledger(top_seq, top_hash) if top_seq is not None else Ledger()
-        known = {job.id: job for job in (job_decoder.decode(body) for body in bodies or ())}
-        ledger.files.update({(w, f): i for w, f, i in files or ()})
-        owners = {(w, k): i for w, k, i in keys or ()}
+        head = await conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+        jobs = await conn.execute("SELECT body FROM jobs WHERE id = ANY(%s)",
+                                  (list({r.job_id for r in requests}),))
+        files = await conn.execute(
+            f"SELECT workflow_name, file_path, id FROM jobs WHERE status IN {ACTIVE_SQL} AND ("
+            "(workflow_name, file_path) IN (SELECT * FROM unnest(%s::text[], %s::text[])) OR "
+            "(workflow_name, file_path) IN (SELECT workflow_name, file_path FROM jobs "
+            "WHERE id = ANY(%s)))",
+            ([e.workflow_name for e in created], [e.file_path for e in created], retried)
+        ) if created or retried else None
+        keys = await conn.execute(
+            "SELECT workflow_name, idempotency_key, id FROM jobs WHERE (workflow_name, "
+            "idempotency_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([w for w, _ in keyed], [k for _, k in keyed])) if keyed else None
+        counts = await conn.execute(
+            "SELECT workflow_name, count(*) FROM jobs WHERE status = 'running' "
+            "GROUP BY workflow_name") if claims else None
+
+        top = await head.fetchone()
+        ledger = Ledger(top[0], top[1]) if top else Ledger()
+        known = {job.id: job for job in
+                 (job_decoder.decode(body) for (body,) in await jobs.fetchall())}
+        if files is not None:
+            ledger.files.update({(r[0], r[1]): r[2] for r in await files.fetchall()})
+        owners = {(r[0], r[1]): r[2] for r in await keys.fetchall()} if keys else {}
         batch = ledger.begin(known.get, lambda wf, key: owners.get((wf, key)))
         for request in requests:
             if request.limits is None:
                 _stage(batch, request)
-        if claims:
-            running = {w: int(n) for w, n in (counts or {}).items()}
+        if counts is not None:
+            running = {r[0]: int(r[1]) for r in await counts.fetchall()}
             _count_changes(running, known, batch)
             _take_claims(batch, claims, running)
         return batch
@@ -501,25 +492,15 @@ class PostgresEventStore:
             await self._pool.close()
 
 
-_INSERT_EVENTS = (
-    "INSERT INTO events (seq, job_id, version, type, at, payload, hash, node) SELECT * FROM "
-    "unnest(%s::bigint[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], "
-    "%s::text[], %s::text[])")
-_UPSERT_JOBS = UPSERT_JOB.replace(
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-    "%s::int[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], "
-    "%s::int[], %s::text[])")
-
-
 async def write_rows(conn: psycopg.AsyncConnection[Any], events: Sequence[tuple[object, ...]],
                      jobs: list[Job]) -> None:
     """Insert event rows (seq, job_id, version, type, at, payload, hash, node) and upsert
-    job rows: one statement each, whatever their number."""
-    await conn.execute(_INSERT_EVENTS, [list(column) for column in zip(*events, strict=True)])
-    if jobs:
-        rows = [job_row(job) for job in jobs]
-        await conn.execute(_UPSERT_JOBS, [list(column) for column in zip(*rows, strict=True)])
+    job rows."""
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO events (seq, job_id, version, type, at, payload, hash, node) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", events)
+        await cur.executemany(UPSERT_JOB, [job_row(job) for job in jobs])
 
 
 async def _migrate(pool: AsyncConnectionPool, schema_name: str) -> None:
