@@ -13,9 +13,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import re
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,10 @@ class BaseWatcher:
         self._waiting: dict[str, _Seen] = {}
         self._submitted: dict[str, tuple[int, int]] = {}
         self._changed = anyio.Event()
+        # Every name of a burst goes through `wanted`: its patterns, compiled once.
+        ignored = IGNORED + ((f"*{MARKER_SUFFIX}",) if config.marker else ())
+        self._ignored = _any_of(ignored + config.exclude)
+        self._included = _any_of(config.include) if config.include else None
 
     # -- what subclasses provide ---------------------------------------------------------
 
@@ -129,13 +134,9 @@ class BaseWatcher:
     def wanted(self, name: str) -> bool:
         """Whether a name may become a job: not temporary, hidden, a marker, or excluded."""
         base = name.rsplit("/", 1)[-1]
-        if any(fnmatch.fnmatch(base, pattern) for pattern in IGNORED):
+        if self._ignored.match(os.path.normcase(base)):
             return False
-        if self.config.marker and base.endswith(MARKER_SUFFIX):
-            return False
-        if self.config.include and not any(fnmatch.fnmatch(base, p) for p in self.config.include):
-            return False
-        return not any(fnmatch.fnmatch(base, p) for p in self.config.exclude)
+        return self._included is None or bool(self._included.match(os.path.normcase(base)))
 
     async def _rescan_periodically(self) -> None:
         while True:
@@ -180,19 +181,20 @@ class BaseWatcher:
 
     async def _submit_all(self, ready: list[tuple[str, tuple[int, int]]]) -> None:
         # Submits in flight together share the log's group commit: a burst of files
-        # becomes jobs in a few commits instead of one commit each.
+        # becomes jobs in a few commits instead of one commit each. A few submitters
+        # share the burst (a task per file would cost more than its submit).
         if len(ready) == 1:
             await self._submit(*ready[0])
             return
-        limit = anyio.Semaphore(SUBMITS_IN_FLIGHT)
+        pending = iter(ready)
 
-        async def one(name: str, identity: tuple[int, int]) -> None:
-            async with limit:
+        async def submitter() -> None:
+            for name, identity in pending:
                 await self._submit(name, identity)
 
         async with anyio.create_task_group() as tg:
-            for name, identity in ready:
-                tg.start_soon(one, name, identity)
+            for _ in range(min(SUBMITS_IN_FLIGHT, len(ready))):
+                tg.start_soon(submitter, name="watch submitter")
 
     def _ready_in_s(self, name: str, seen: _Seen, now: float, settle_s: float) -> float:
         if self.config.marker:
@@ -280,6 +282,14 @@ class WatchfilesWatcher(BaseWatcher):
                 relative = relative.removesuffix(MARKER_SUFFIX)
             names.append(relative)
         return names
+
+
+def _any_of(patterns: Sequence[str]) -> re.Pattern[str]:
+    """One regex matching a name that any of the glob `patterns` match (as `fnmatch`)."""
+    if not patterns:
+        return re.compile(r"(?!)")  # matches nothing
+    return re.compile("|".join(f"(?:{fnmatch.translate(os.path.normcase(p))})"
+                               for p in patterns))
 
 
 def sha256_of_regular(path: Path) -> str | None:
