@@ -243,7 +243,9 @@ class Kernel:
         """Wait until the workflow (or every one registered so far) has recovered."""
         names = [workflow_name] if workflow_name else list(self._recovered)
         for name in names:
-            await self._recovered[name].wait()
+            recovered = self._recovered[name]
+            if not recovered.is_set():  # (a set event's wait still yields to the loop)
+                await recovered.wait()
 
     # -- jobs --------------------------------------------------------------------------
 

@@ -1,22 +1,36 @@
-"""Group commit, shared by the stores: appends issued together share one transaction.
+"""Group commit for the SQLite store: one writer thread, appends issued together share a commit.
 
-The first appender that finds no write in progress leads: it yields once (so
-appends issued beside it join), takes the group, and hands it to the store's
-`write` function; appends arriving meanwhile form the next group. Each append
-succeeds or fails on its own (its `error`), so one refused append does not fail
-its neighbours. See docs/decisions/0002-group-commit.md.
+The writer thread owns the writer connection. Appends join the open group on the
+event loop; the thread takes the whole open group as soon as it is free, writes it
+(the store's `write`: one transaction, one fsync) and hands it back to the loop with
+`call_soon_threadsafe`. While one group commits the next one gathers, so the loop's
+work and the disk's overlap, and the thread never waits for the loop to hand it work.
+Each append succeeds or fails on its own (its `error`), so one refused append does
+not fail its neighbours. Other work on the writer connection (side tables, rebuild,
+close) runs on the same thread, in order with the groups, through `call`.
+See docs/decisions/0002-group-commit.md and 0006-writer-thread.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-
-import anyio
-import anyio.lowlevel
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from kernel.events import Event
 from kernel.ports import Append, StoreError, StoreUnavailable
 from kernel.state import StoredEvent
+
+T = TypeVar("T")
+# An idle writer starts on the open group at the end of the loop's turn, or as soon as
+# the group holds this many appends: then the loop's work on the next appends overlaps
+# with the commit of these, instead of every in-flight append waiting for one commit.
+GROUP_EARLY_START = 64
+WriteGroup = Callable[[list["PendingAppend"]], None]
+Written = Callable[[list["PendingAppend"]], None]
 
 
 class PendingAppend:
@@ -33,66 +47,142 @@ class PendingAppend:
 
 
 class _Group:
+    """Appends that share one transaction; `done` is set on the loop once it is written."""
+
     __slots__ = ("done", "requests")
 
     def __init__(self) -> None:
         self.requests: list[PendingAppend] = []
-        self.done = anyio.Event()
+        self.done = asyncio.Event()
 
 
-WriteGroup = Callable[[list[PendingAppend]], Awaitable[None]]
+class _Call:
+    """Other work for the writer thread; its outcome goes to `future` on the loop."""
+
+    __slots__ = ("args", "func", "future")
+
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...],
+                 future: asyncio.Future[Any]) -> None:
+        self.func, self.args, self.future = func, args, future
 
 
 class GroupCommitter:
-    """Collects appends into groups and writes each group with one call of `write`."""
+    """The writer thread and its queue: groups of appends, and calls, in arrival order.
 
-    def __init__(self, write: WriteGroup, on_written: Callable[[], None]) -> None:
+    `write(requests)` runs on the writer thread and fills each request's `result` or
+    `error`; `written(requests)` runs on the event loop afterwards, in commit order.
+    """
+
+    def __init__(self, write: WriteGroup, written: Written, *, name: str = "multiflow-writer"
+                 ) -> None:
         self._write = write
-        self._on_written = on_written
-        self._group = _Group()
-        self._leading = False
-        self._drained = anyio.Event()
+        self._written = written
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[_Group | _Call] = deque()  # guarded by _lock
+        self._open: _Group | None = None  # the group new appends join (queued already)
+        self._idle = False  # the thread waits on _wake
+        self._writing = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
     @property
     def busy(self) -> bool:
-        """True while a group is being written or waits to be."""
-        return self._leading or bool(self._group.requests)
+        """True while a group or a call is queued or running."""
+        return self._writing or bool(self._queue)
 
     async def submit(self, appends: Sequence[Append]) -> list[list[StoredEvent] | StoreError]:
-        """Append in the next group; each result is the stored events or the refusal."""
+        """Append in the open group; each result is the stored events or the refusal."""
         requests = [PendingAppend(a.job_id, a.events, a.expected_version) for a in appends]
-        group = self._group
-        group.requests.extend(requests)
-        if self._leading:
-            await group.done.wait()
-        else:
-            await self._lead()
+        await self._join(requests)
         return [r.error if r.error is not None else r.result for r in requests]
 
+    async def append(self, job_id: str, events: Sequence[Event], expected_version: int
+                     ) -> list[StoredEvent]:
+        """One append in the open group: its stored events, or its refusal raised."""
+        request = PendingAppend(job_id, events, expected_version)
+        await self._join((request,))
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    async def _join(self, requests: Sequence[PendingAppend]) -> None:
+        with self._lock:
+            if self._stopping:
+                raise StoreUnavailable("the writer has stopped")
+            group = self._open
+            if group is None:
+                group = self._open = _Group()
+                self._queue.append(group)
+                if self._idle:
+                    # Let the appends issued in this turn of the loop join first.
+                    self._loop.call_soon(self._kick)
+            group.requests.extend(requests)
+            if self._idle and len(group.requests) >= GROUP_EARLY_START:
+                self._wake.notify()  # enough to be worth a commit while more arrive
+        # A group once taken is written whatever happens to its appenders: waiting is all
+        # a cancellation can stop.
+        await group.done.wait()
+
+    def _kick(self) -> None:
+        with self._lock:
+            if self._idle and self._queue:
+                self._wake.notify()
+
+    async def call(self, func: Callable[..., T], *args: Any) -> T:
+        """Run `func(*args)` on the writer thread after the work queued before it."""
+        future: asyncio.Future[T] = self._loop.create_future()
+        with self._lock:
+            if self._stopping:
+                raise StoreUnavailable("the writer has stopped")
+            self._queue.append(_Call(func, args, future))
+            if self._idle:
+                self._wake.notify()
+        # Shielded: the call runs anyway, and its caller (a close, a rebuild) must not
+        # leave while the connection is in use.
+        return await asyncio.shield(future)
+
     async def drained(self) -> None:
-        """Wait until no group is being written."""
-        if self._leading:
-            await self._drained.wait()
+        """Wait until everything queued so far has been written."""
+        await self.call(_nothing)
 
-    async def _lead(self) -> None:
-        self._leading = True
-        try:
-            # A group once started must finish: its appenders wait on it.
-            with anyio.CancelScope(shield=True):
-                await anyio.lowlevel.checkpoint()  # let appends issued beside us join
-                while self._group.requests:
-                    group, self._group = self._group, _Group()
-                    await self._write_group(group)
-                    # The appenders just woken often append again at once: let them join.
-                    await anyio.lowlevel.checkpoint()
-        finally:
-            self._leading = False
-            self._drained.set()
-            self._drained = anyio.Event()
+    async def stop(self, last: Callable[[], None]) -> None:
+        """Refuse new work, finish what is queued, run `last` (closing) and end the thread."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._queue.append(_Call(last, (), future))
+            self._wake.notify()
+        await asyncio.shield(future)
 
-    async def _write_group(self, group: _Group) -> None:
+    # -- the writer thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._writing = False
+                while not self._queue:
+                    if self._stopping:
+                        return
+                    self._idle = True
+                    self._wake.wait()
+                    self._idle = False
+                item = self._queue.popleft()
+                if item is self._open:
+                    self._open = None  # appends from now on form the next group
+                self._writing = True
+            if isinstance(item, _Group):
+                self._write_group(item)
+            else:
+                self._run_call(item)
+
+    def _write_group(self, group: _Group) -> None:
         try:
-            await self._write(group.requests)
+            self._write(group.requests)
         except Exception as exc:  # a bug or a driver failure: no appender may hang on it
             # Nothing of the group is known to be durable: every append that was not
             # refused on its own fails, including those already prepared.
@@ -100,6 +190,35 @@ class GroupCommitter:
                 if request.error is None:
                     request.result = []
                     request.error = StoreUnavailable(f"append failed: {exc!r}")
+        self._to_loop(self._finish, group)
+
+    def _finish(self, group: _Group) -> None:
+        try:
+            self._written(group.requests)
         finally:
             group.done.set()
-            self._on_written()
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            result = call.func(*call.args)
+        except BaseException as exc:  # handed to the caller, who re-raises it
+            self._to_loop(_settle, call.future, None, exc)
+        else:
+            self._to_loop(_settle, call.future, result, None)
+
+    def _to_loop(self, func: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to wake
+            self._loop.call_soon_threadsafe(func, *args)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _nothing() -> None:
+    return None

@@ -44,6 +44,15 @@ def job_row(job: Job) -> tuple[object, ...]:
     )
 
 
+def job_values(job: Job) -> tuple[object, ...]:
+    """`job_row` without id, seq and version (the SQLite writer takes those from the event)."""
+    return (
+        job.workflow_name, job.file_path, job.status.value, job.channel_name, job.priority,
+        job.idempotency_key, micros(job.created_at), micros(job.updated_at), job.created_seq,
+        _job_encoder.encode(job).decode(),
+    )
+
+
 def where_clause(query: JobQuery, mark: str) -> tuple[str, list[object]]:
     """The WHERE clause of a job listing and its parameters; `mark` is `?` or `%s`."""
     clauses: list[str] = []

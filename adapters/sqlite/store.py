@@ -1,10 +1,10 @@
 """The embedded EventStore: one SQLite file in WAL mode, group-committed appends.
 
-Writes: appends queue up; the first appender leads, takes every queued append as
-one batch, and writes it in ONE thread hop (one transaction: an `executemany`
-for the events, one for the read-model rows, one fsync). Appends that arrive
-while a batch commits form the next batch. Reads go through aiosqlite on a
-second connection and never wait for the writer (WAL).
+Writes: one writer thread owns the writer connection (adapters.groupcommit). Appends
+queue up on the event loop; whenever the thread is free it takes every queued append
+as one group and writes it in one transaction (one statement per table, one fsync),
+while the next group gathers. Reads go through aiosqlite on a second connection and
+never wait for the writer (WAL).
 """
 
 from __future__ import annotations
@@ -31,15 +31,8 @@ from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.sqlite import schema
 from adapters.sqlite.lock import WriterLock
 from adapters.sqlite.rebuild import RebuildReport, rebuild_read_model
-from adapters.sqlrows import (
-    ACTIVE_SQL,
-    UPSERT_JOB,
-    alert_of,
-    dead_letter_of,
-    job_decoder,
-    job_row,
-    where_clause,
-)
+from adapters.sqlite.writer import GroupStatements, connect_writer, prepare_writer, write_batch
+from adapters.sqlrows import ACTIVE_SQL, alert_of, dead_letter_of, job_decoder, where_clause
 from kernel.chain import GENESIS, ChainRow
 from kernel.events import Event, decode_event
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
@@ -47,16 +40,6 @@ from kernel.state import Job, StoredEvent
 
 BATCH_APPENDS_MAX = 1024
 RECENT_EVENTS = 10_000
-
-
-def connect_writer(path: Path) -> sqlite3.Connection:
-    """The writer's connection, with its durability pragmas set explicitly."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before append returns
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
 
 
 class SqliteEventStore:
@@ -69,12 +52,13 @@ class SqliteEventStore:
         self._reader = reader
         self._lock = lock
         self._ledger = Ledger()
-        self._committer = GroupCommitter(self._write_group, self._notify)
+        self._statements = GroupStatements(writer) if writer is not None else None
+        # The writer thread (a read-only store has none); it alone touches `_writer`.
+        self._committer = GroupCommitter(self._write_all, self._written) if writer else None
         # The newest events, kept as decoded: tails (observer, SSE, webhooks) read them from
         # here instead of decoding them again from the file.
         self._recent: deque[StoredEvent] = deque(maxlen=RECENT_EVENTS)
         self._notifier = Notifier()
-        self._limiter = anyio.CapacityLimiter(1)
         self._closed = False
         # Called with (seconds, events) after each group commit (metrics); must not raise.
         self.commit_observer: Callable[[float, int], None] | None = None
@@ -92,6 +76,7 @@ class SqliteEventStore:
             try:
                 writer = await anyio.to_thread.run_sync(connect_writer, path)
                 await anyio.to_thread.run_sync(schema.migrate, writer)
+                await anyio.to_thread.run_sync(prepare_writer, writer)
             except BaseException:
                 lock.release()
                 raise
@@ -101,8 +86,8 @@ class SqliteEventStore:
         await reader.execute("PRAGMA busy_timeout=5000")
         await reader.execute("PRAGMA query_only=ON")
         store = cls(path, writer, reader, lock)
-        if writer is not None:
-            await anyio.to_thread.run_sync(store._load_ledger)
+        if store._committer is not None:
+            await store._committer.call(store._load_ledger)
         return store
 
     # -- writes ----------------------------------------------------------------------
@@ -111,26 +96,22 @@ class SqliteEventStore:
         self, job_id: str, events: Sequence[Event], expected_version: int
     ) -> list[StoredEvent]:
         """Append atomically; shares a transaction with the appends queued beside it."""
-        (result,) = await self.append_batch([Append(job_id, events, expected_version)])
-        if isinstance(result, StoreError):
-            raise result
-        return result
+        if self._closed or self._committer is None:
+            raise StoreUnavailable(f"the store {self.path} is closed or read-only")
+        return await self._committer.append(job_id, events, expected_version)
 
     async def append_batch(self, appends: Sequence[Append]) -> list[list[StoredEvent] | StoreError]:
         """Several appends in the same transaction; each succeeds or fails on its own."""
-        if self._closed or self._writer is None:
+        if self._closed or self._committer is None:
             raise StoreUnavailable(f"the store {self.path} is closed or read-only")
         return await self._committer.submit(appends)
 
-    def _notify(self) -> None:
-        self._notifier.notify()
-
-    async def _write_group(self, requests: list[PendingAppend]) -> None:
-        await anyio.to_thread.run_sync(self._write_all, requests, limiter=self._limiter)
+    def _written(self, requests: list[PendingAppend]) -> None:
         # On the event loop, where every reader of `_recent` runs: in seq order.
         for request in requests:
             if request.error is None:
                 self._recent.extend(request.result)
+        self._notifier.notify()
 
     def _write_all(self, requests: list[PendingAppend]) -> None:
         for start in range(0, len(requests), BATCH_APPENDS_MAX):
@@ -170,26 +151,8 @@ class SqliteEventStore:
                 self.commit_observer(time.perf_counter() - started, len(batch.rows))
 
     def _commit(self, batch: Batch) -> None:
-        assert self._writer is not None
-        conn = self._writer
-        events = [
-            (row.stored.seq, row.stored.job_id, row.stored.version, row.type_tag,
-             row.stored.event.at.isoformat(), row.payload.decode(), row.stored.hash)
-            for row in batch.rows
-        ]
-        jobs = [job_row(job) for job in batch.jobs.values()]
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(
-                "INSERT INTO events (seq, job_id, version, type, at, payload, hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", events)
-            conn.executemany(
-                UPSERT_JOB.replace("%s", "?"), jobs)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        assert self._writer is not None and self._statements is not None
+        write_batch(self._writer, self._statements, batch)
 
     def _load_ledger(self) -> None:
         assert self._writer is not None
@@ -267,7 +230,7 @@ class SqliteEventStore:
         return [alert_of(row) for row in rows]
 
     async def _side_write(self, sql: str, params: tuple[object, ...]) -> None:
-        if self._closed or self._writer is None:
+        if self._closed or self._writer is None or self._committer is None:
             raise StoreUnavailable(f"the store {self.path} is closed or read-only")
         writer = self._writer
 
@@ -277,23 +240,23 @@ class SqliteEventStore:
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path) from exc
 
-        await anyio.to_thread.run_sync(write, limiter=self._limiter)
+        await self._committer.call(write)
 
     # -- rebuild -----------------------------------------------------------------------
 
     async def rebuild(self) -> RebuildReport:
         """Drop the read model and replay the whole log into it, in one transaction."""
-        if self._writer is None:
+        if self._committer is None:
             raise StoreUnavailable("rebuild needs the store opened for writing")
         if self._committer.busy:
             raise StoreUnavailable("rebuild while appends are in flight")
-        report = await anyio.to_thread.run_sync(self._rebuild, limiter=self._limiter)
-        self._load_ledger()
-        return report
+        return await self._committer.call(self._rebuild)
 
     def _rebuild(self) -> RebuildReport:
         assert self._writer is not None
-        return rebuild_read_model(self._writer, self.path)
+        report = rebuild_read_model(self._writer, self.path)
+        self._load_ledger()
+        return report
 
     # -- reads -----------------------------------------------------------------------
 
@@ -389,12 +352,10 @@ class SqliteEventStore:
         """Finish queued appends, then release the file and its lock."""
         if self._closed:
             return
-        self._closed = True  # refuse new appends; the leader drains what is queued
-        await self._committer.drained()
+        self._closed = True  # refuse new appends; the writer drains what is queued
+        if self._committer is not None and self._writer is not None:
+            await self._committer.stop(self._writer.close)
         await self._reader.close()
-        if self._writer is not None:
-            writer = self._writer
-            await anyio.to_thread.run_sync(writer.close)
         if self._lock is not None:
             self._lock.release()
 
