@@ -27,21 +27,21 @@ from types import TracebackType
 
 import msgspec
 
-from adapters.sqlite.fastfold import FastFold, pack, unpack
+from adapters.sqlite.fastfold import FastFold
+from adapters.sqlite.rowpack import Packed, RowPacker, unpack
 from adapters.sqlrows import JOB_COLUMNS, UPSERT_JOB, job_decoder
 from kernel.state import Job
 
-CHUNK_EVENTS = 20_000
-HELD_JOBS_MIN = 10_000  # finished jobs go to the writer once this many jobs are held
+CHUNK_EVENTS = 5_000
+HELD_JOBS_MIN = 5_000  # finished jobs go to the writer once this many jobs are held
 _INSERT = UPSERT_JOB.replace("%s", "?")
-_INSERT_PACKED = (  # rows from fastfold.pack: ?1 the heads (JSON), ?2 the bodies (a blob)
+_INSERT_PACKED = (  # rows from RowPacker.pack: ?1 the heads (JSON), ?2 the bodies (a blob)
     f"INSERT INTO jobs ({JOB_COLUMNS}) SELECT "
     + "".join(f"value ->> {column}, " for column in range(12))
     + "CAST(substr(?2, value ->> 12, value ->> 13) AS TEXT) FROM json_each(?1) WHERE true "
     + UPSERT_JOB[UPSERT_JOB.index("ON CONFLICT"):])
 # SQLite's JSON reads an escaped NUL as the end of the string: such rows take `executemany`.
 _ESCAPED_NUL = b"\\u0000"
-Packed = tuple[bytes, bytes]
 
 
 class RebuildReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,16 +104,16 @@ def _secure_delete_off(conn: sqlite3.Connection) -> Iterator[None]:
 
 def _fold_into(conn: sqlite3.Connection, reader: sqlite3.Connection) -> tuple[int, int]:
     with _RowWriter(conn) as writer:
-        fold = FastFold(lambda job_id: _written_job(conn, writer, job_id))
-        cursor = reader.execute("SELECT seq, job_id, version, payload FROM events ORDER BY seq")
+        fold, rows = FastFold(lambda job_id: _written_job(conn, writer, job_id)), RowPacker()
+        cursor = reader.execute("SELECT seq, version, payload FROM events ORDER BY seq")
         events, held_max = 0, HELD_JOBS_MIN
         while chunk := cursor.fetchmany(CHUNK_EVENTS):
             fold.fold(chunk)
             events += len(chunk)
             if len(fold.jobs) >= held_max:
-                writer.put(pack(fold.take_finished()))
+                writer.put(rows.pack(fold.take_finished()))
                 held_max = max(HELD_JOBS_MIN, 2 * len(fold.jobs))  # linear with many active
-        writer.put(pack(fold.take_all()))
+        writer.put(rows.pack(fold.take_all()))
     return events, fold.created
 
 
@@ -126,7 +126,7 @@ def _written_job(conn: sqlite3.Connection, writer: _RowWriter, job_id: str) -> J
 
 
 def write_packed(conn: sqlite3.Connection, packed: Packed) -> None:
-    """Insert (or update) the rows of `fastfold.pack` in one statement."""
+    """Insert (or update) the rows of `RowPacker.pack` in one statement."""
     heads, _ = packed
     if _ESCAPED_NUL in heads:
         conn.executemany(_INSERT, unpack(*packed))

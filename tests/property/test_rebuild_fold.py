@@ -213,7 +213,7 @@ def test_a_nul_in_a_column_takes_the_executemany_path() -> None:
 
 @pytest.mark.parametrize("log, message", [
     ([("j1", JobStarted(job_id="j1", at=T0, attempt=1))], "before its JobCreated"),
-    ([("j1", created("j1")), ("j1", created("j1"))], "a second JobCreated"),
+    ([("j1", created("j1")), ("j1", created("j1"))], "JobCreated of job j1 stored as version 2"),
 ], ids=["no-creation", "created-twice"])
 def test_a_log_the_kernel_cannot_fold_is_refused(log: list[tuple[str, Event]],
                                                  message: str) -> None:

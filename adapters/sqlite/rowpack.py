@@ -1,0 +1,110 @@
+"""The `jobs` rows of fastfold's job states, packed for one INSERT per batch.
+
+A row's body is `Job`'s JSON: the state is encoded through `_Body`, a positional, mutable
+struct with `Job`'s own fields (same names, order and types, so the same bytes). The
+other columns go as one JSON array per batch, the bodies as one blob; rebuild.py lets
+SQLite unpack both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from adapters.sqlite.fastfold import (
+    CHANNEL,
+    CREATED_AT,
+    CREATED_SEQ,
+    CURRENT,
+    DEFAULTS,
+    ERROR_FOLDER,
+    FIELDS,
+    FILE,
+    ID,
+    KEY,
+    PRIORITY,
+    PROCESSING,
+    SEQ,
+    STATUS,
+    UPDATED_AT,
+    VERSION,
+    WORKFLOW,
+    State,
+)
+from adapters.sqlrows import micros
+from kernel import layout
+
+Row = tuple[Any, ...]  # a `jobs` row as sqlite3 parameters, in JOB_COLUMNS order
+Packed = tuple[bytes, bytes]  # (heads, bodies): see `RowPacker.pack`
+_Body = msgspec.defstruct("Job", [(field.name, field.type) for field in FIELDS])
+_encode = msgspec.json.Encoder().encode
+_heads_decoder = msgspec.json.Decoder(list[tuple[Any, ...]])
+
+
+class RowPacker:
+    """Makes rows; remembers each workflow's archive folder per UTC day."""
+
+    def __init__(self) -> None:
+        self._archive_folders: dict[tuple[str, int], str | None] = {}
+
+    def pack(self, states: Iterable[State]) -> Packed:
+        """Rows as (heads, bodies): a JSON array of the other columns, then each body's
+        offset (from 1) and length in `bodies`, all the bodies end to end in UTF-8."""
+        heads: list[tuple[Any, ...]] = []
+        bodies: list[bytes] = []
+        offset = 1
+        for state in states:
+            body = self.body(state)
+            size = len(body)
+            heads.append((
+                state[ID], state[WORKFLOW], state[FILE], state[STATUS], state[CHANNEL],
+                state[PRIORITY], state[KEY], micros(state[CREATED_AT]),
+                micros(state[UPDATED_AT]), state[CREATED_SEQ], state[SEQ], state[VERSION],
+                offset, size))
+            bodies.append(body)
+            offset += size
+        return _encode(heads), b"".join(bodies)
+
+    def body(self, state: State) -> bytes:
+        """The `body` column: the job as `Job`'s JSON."""
+        body = _Body(*state)
+        current = state[CURRENT]
+        if current.__class__ is not str:
+            body.current_path = (  # type: ignore[attr-defined]
+                layout.processing_path(body) if current is PROCESSING  # type: ignore[arg-type]
+                else layout.error_path(body) if current is ERROR_FOLDER  # type: ignore[arg-type]
+                else self._archive_path(body, current))
+        return _encode(body)
+
+    def _archive_path(self, body: Any, at: datetime) -> str:
+        # layout.archive_path formats the day field by field, a third of a row's cost. The
+        # folder is the same for every job of a workflow completed on one UTC day, so the
+        # kernel is asked once per (workflow, day) and the job's own name is appended (the
+        # property test fails if the kernel's path ever depends on more than these).
+        key = (body.workflow_name, at.toordinal())
+        if at.tzinfo is not UTC:
+            folder = None
+        elif key in self._archive_folders:
+            folder = self._archive_folders[key]
+        else:
+            folder = self._archive_folders[key] = _archive_folder(body.workflow_name, at)
+        if folder is None:
+            return layout.archive_path(body, at)
+        return folder + layout.stored_name(body)
+
+
+def _archive_folder(workflow_name: str, at: datetime) -> str | None:
+    """The archive path up to the job's stored name, if the kernel's path ends with it."""
+    stub = _Body(*DEFAULTS)
+    stub.id, stub.workflow_name, stub.file_path = "\x01id", workflow_name, "\x01name"  # type: ignore[attr-defined]
+    path, name = layout.archive_path(stub, at), layout.stored_name(stub)  # type: ignore[arg-type]
+    return path[:-len(name)] if path.endswith(name) else None
+
+
+def unpack(heads: bytes, bodies: bytes) -> list[Row]:
+    """The rows of `RowPacker.pack`, as sqlite3 parameters in JOB_COLUMNS order."""
+    return [(*head[:12], bodies[head[12] - 1:head[12] - 1 + head[13]].decode())
+            for head in _heads_decoder.decode(heads)]
