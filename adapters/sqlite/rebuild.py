@@ -2,11 +2,10 @@
 
 Two threads share the work. This one reads the log and folds it (adapters/sqlite/
 fastfold.py, checked against the kernel's fold by a property test); the other owns the
-writer connection and inserts the finished rows, a batch of thousands per statement:
-the batch goes in as one JSON text of the short columns plus one blob of the bodies,
-unpacked by SQLite itself (`json_each`). A statement per batch instead of `executemany`
-matters: sqlite3 takes the GIL back after every row it steps, and a writer thread that
-needs the GIL once per row waits for the folding thread at every row.
+writer connection and inserts the finished rows, up to 1,024 rows per statement. A
+statement per many rows instead of `executemany` matters: sqlite3 takes the GIL back
+after every statement it steps, and a writer thread that needs the GIL once per row
+waits for the folding thread (up to the 5 ms switch interval) at every row.
 
 The indexes stay: rows arrive roughly in creation order, so most index inserts append,
 and their cost runs beside the fold instead of after it. Only unfinished jobs stay in
@@ -16,7 +15,9 @@ memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import itertools
 import queue
 import sqlite3
 import threading
@@ -28,20 +29,16 @@ from types import TracebackType
 import msgspec
 
 from adapters.sqlite.fastfold import FastFold
-from adapters.sqlite.rowpack import Packed, RowPacker, unpack
+from adapters.sqlite.foldrows import Row, RowMaker
 from adapters.sqlrows import JOB_COLUMNS, UPSERT_JOB, job_decoder
 from kernel.state import Job
 
 CHUNK_EVENTS = 5_000
 HELD_JOBS_MIN = 5_000  # finished jobs go to the writer once this many jobs are held
-_INSERT = UPSERT_JOB.replace("%s", "?")
-_INSERT_PACKED = (  # rows from RowPacker.pack: ?1 the heads (JSON), ?2 the bodies (a blob)
-    f"INSERT INTO jobs ({JOB_COLUMNS}) SELECT "
-    + "".join(f"value ->> {column}, " for column in range(12))
-    + "CAST(substr(?2, value ->> 12, value ->> 13) AS TEXT) FROM json_each(?1) WHERE true "
-    + UPSERT_JOB[UPSERT_JOB.index("ON CONFLICT"):])
-# SQLite's JSON reads an escaped NUL as the end of the string: such rows take `executemany`.
-_ESCAPED_NUL = b"\\u0000"
+ROWS_PER_STATEMENT_MAX = 1024
+_WIDTH = len(JOB_COLUMNS.split(","))
+_VALUES = "(" + ", ".join(["?"] * _WIDTH) + ")"
+_UPSERT = UPSERT_JOB[UPSERT_JOB.index(" ON CONFLICT"):]
 
 
 class RebuildReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,16 +101,16 @@ def _secure_delete_off(conn: sqlite3.Connection) -> Iterator[None]:
 
 def _fold_into(conn: sqlite3.Connection, reader: sqlite3.Connection) -> tuple[int, int]:
     with _RowWriter(conn) as writer:
-        fold, rows = FastFold(lambda job_id: _written_job(conn, writer, job_id)), RowPacker()
+        fold, rows = FastFold(lambda job_id: _written_job(conn, writer, job_id)), RowMaker()
         cursor = reader.execute("SELECT seq, version, payload FROM events ORDER BY seq")
         events, held_max = 0, HELD_JOBS_MIN
         while chunk := cursor.fetchmany(CHUNK_EVENTS):
             fold.fold(chunk)
             events += len(chunk)
             if len(fold.jobs) >= held_max:
-                writer.put(rows.pack(fold.take_finished()))
+                writer.put(rows.rows(fold.take_finished()))
                 held_max = max(HELD_JOBS_MIN, 2 * len(fold.jobs))  # linear with many active
-        writer.put(rows.pack(fold.take_all()))
+        writer.put(rows.rows(fold.take_all()))
     return events, fold.created
 
 
@@ -125,13 +122,22 @@ def _written_job(conn: sqlite3.Connection, writer: _RowWriter, job_id: str) -> J
     return None if row is None else job_decoder.decode(row[0])
 
 
-def write_packed(conn: sqlite3.Connection, packed: Packed) -> None:
-    """Insert (or update) the rows of `RowPacker.pack` in one statement."""
-    heads, _ = packed
-    if _ESCAPED_NUL in heads:
-        conn.executemany(_INSERT, unpack(*packed))
-    else:
-        conn.execute(_INSERT_PACKED, packed)
+def write_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    """Insert (or update) rows, as few statements as the variable limit allows."""
+    per_statement = min(ROWS_PER_STATEMENT_MAX,
+                        conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _WIDTH)
+    start = 0
+    while start < len(rows):
+        # Statements of a few sizes only (powers of two), so sqlite3 keeps them prepared.
+        count = min(per_statement, 1 << ((len(rows) - start).bit_length() - 1))
+        conn.execute(_insert_sql(count),
+                     list(itertools.chain.from_iterable(rows[start:start + count])))
+        start += count
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    return f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES {', '.join([_VALUES] * rows)}{_UPSERT}"
 
 
 class _RowWriter:
@@ -139,7 +145,7 @@ class _RowWriter:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.batches: queue.Queue[Packed | None] = queue.Queue(maxsize=3)
+        self.batches: queue.Queue[list[Row] | None] = queue.Queue(maxsize=3)
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, name="rebuild-writer", daemon=True)
 
@@ -154,11 +160,11 @@ class _RowWriter:
         if exc is None:
             self._check()
 
-    def put(self, packed: Packed) -> None:
+    def put(self, rows: list[Row]) -> None:
         """Queue a batch of rows; raises what the writer met so far."""
         self._check()
-        if packed[1]:
-            self.batches.put(packed)
+        if rows:
+            self.batches.put(rows)
 
     def sync(self) -> None:
         """Wait until every queued row is written."""
@@ -171,18 +177,18 @@ class _RowWriter:
 
     def _run(self) -> None:
         self._write(None)  # the DELETE, beside the first fold
-        while (packed := self.batches.get()) is not None:
-            self._write(packed)
+        while (rows := self.batches.get()) is not None:
+            self._write(rows)
             self.batches.task_done()
         self.batches.task_done()
 
-    def _write(self, packed: Packed | None) -> None:
+    def _write(self, rows: list[Row] | None) -> None:
         if self.failure:  # after a failure, drain: the folding thread must never block
             return
         try:
-            if packed is None:
+            if rows is None:
                 self.conn.execute("DELETE FROM jobs")
             else:
-                write_packed(self.conn, packed)
+                write_rows(self.conn, rows)
         except BaseException as exc:  # handed to the folding thread, which raises it
             self.failure.append(exc)

@@ -1,9 +1,7 @@
-"""The `jobs` rows of fastfold's job states, packed for one INSERT per batch.
+"""The `jobs` rows of fastfold's job states: what `job_row` makes of the kernel's Job.
 
-A row's body is `Job`'s JSON: the state is encoded through `_Body`, a positional, mutable
-struct with `Job`'s own fields (same names, order and types, so the same bytes). The
-other columns go as one JSON array per batch, the bodies as one blob; rebuild.py lets
-SQLite unpack both.
+The body is `Job`'s JSON: the state is encoded through `_Body`, a positional, mutable
+struct with `Job`'s own fields (same names, order and types, so the same bytes).
 """
 
 from __future__ import annotations
@@ -38,35 +36,23 @@ from adapters.sqlrows import micros
 from kernel import layout
 
 Row = tuple[Any, ...]  # a `jobs` row as sqlite3 parameters, in JOB_COLUMNS order
-Packed = tuple[bytes, bytes]  # (heads, bodies): see `RowPacker.pack`
 _Body = msgspec.defstruct("Job", [(field.name, field.type) for field in FIELDS])
 _encode = msgspec.json.Encoder().encode
-_heads_decoder = msgspec.json.Decoder(list[tuple[Any, ...]])
 
 
-class RowPacker:
+class RowMaker:
     """Makes rows; remembers each workflow's archive folder per UTC day."""
 
     def __init__(self) -> None:
         self._archive_folders: dict[tuple[str, int], str | None] = {}
 
-    def pack(self, states: Iterable[State]) -> Packed:
-        """Rows as (heads, bodies): a JSON array of the other columns, then each body's
-        offset (from 1) and length in `bodies`, all the bodies end to end in UTF-8."""
-        heads: list[tuple[Any, ...]] = []
-        bodies: list[bytes] = []
-        offset = 1
-        for state in states:
-            body = self.body(state)
-            size = len(body)
-            heads.append((
-                state[ID], state[WORKFLOW], state[FILE], state[STATUS], state[CHANNEL],
-                state[PRIORITY], state[KEY], micros(state[CREATED_AT]),
-                micros(state[UPDATED_AT]), state[CREATED_SEQ], state[SEQ], state[VERSION],
-                offset, size))
-            bodies.append(body)
-            offset += size
-        return _encode(heads), b"".join(bodies)
+    def rows(self, states: Iterable[State]) -> list[Row]:
+        """The states' rows, as sqlite3 parameters in JOB_COLUMNS order."""
+        return [(state[ID], state[WORKFLOW], state[FILE], state[STATUS], state[CHANNEL],
+                 state[PRIORITY], state[KEY], micros(state[CREATED_AT]),
+                 micros(state[UPDATED_AT]), state[CREATED_SEQ], state[SEQ], state[VERSION],
+                 self.body(state).decode())
+                for state in states]
 
     def body(self, state: State) -> bytes:
         """The `body` column: the job as `Job`'s JSON."""
@@ -102,9 +88,3 @@ def _archive_folder(workflow_name: str, at: datetime) -> str | None:
     stub.id, stub.workflow_name, stub.file_path = "\x01id", workflow_name, "\x01name"  # type: ignore[attr-defined]
     path, name = layout.archive_path(stub, at), layout.stored_name(stub)  # type: ignore[arg-type]
     return path[:-len(name)] if path.endswith(name) else None
-
-
-def unpack(heads: bytes, bodies: bytes) -> list[Row]:
-    """The rows of `RowPacker.pack`, as sqlite3 parameters in JOB_COLUMNS order."""
-    return [(*head[:12], bodies[head[12] - 1:head[12] - 1 + head[13]].decode())
-            for head in _heads_decoder.decode(heads)]
