@@ -190,13 +190,15 @@ class HotFolders:
         reconciliation at the next start finishes the move.
         """
         try:
-            dirty: set[str] = set()
-            target = self._settle(job, dirty)
-            await self._sync(dirty)
             if job.status in (Status.FAILED, Status.CANCELLED):
+                # The report first: a crash before the move leaves the file where
+                # reconciliation settles it again; a file in error/ always has its report.
+                target = self._path(job.current_path) + ERROR_SUFFIX
                 report = msgspec.json.format(msgspec.json.encode(_report(job)))
-                await self._syncs.run(
-                    lambda _: write_bytes_atomic(Path(target + ERROR_SUFFIX), report))
+                await self._syncs.run(lambda _: write_bytes_atomic(Path(target), report))
+            dirty: set[str] = set()
+            self._settle(job, dirty)
+            await self._sync(dirty)
         except OSError:
             log.exception("settle_failed", job_id=job.id, workflow_name=job.workflow_name,
                           target=job.current_path)
@@ -296,8 +298,8 @@ class HotFolders:
                 return
         raise FileMissing(f"{job.file_path} is in none of input/, processing/, error/")
 
-    def _settle(self, job: Job, dirty: set[str]) -> str:
-        """Move the file to where the job's status says; the target (absolute)."""
+    def _settle(self, job: Job, dirty: set[str]) -> None:
+        """Move the file to where the job's status says (its `current_path`)."""
         target = self._path(job.current_path)
         if not os.path.exists(target):
             source = next((p for p in self._candidates(job)
@@ -311,7 +313,6 @@ class HotFolders:
                 # it as new work, so that move is made durable.
                 from_input = source == self._path(job.file_path)
                 move(source, target, durable=from_input, dirty=dirty)
-        return target
 
     def _sweep(self, workflow_name: str, active: Sequence[Job]) -> tuple[list[Path], list[str]]:
         owned = {layout.stored_name(job) for job in active}
