@@ -27,10 +27,26 @@ from kernel.state import Status
 _json = msgspec.json.Encoder()
 
 
+class JsonResponse(Response):
+    """JSON bytes with their headers built directly (Starlette's general init is per request)."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status: int = 200,
+                 headers: dict[str, str] | None = None) -> None:
+        self.status_code = status
+        self.background = None
+        self.body = body
+        self.raw_headers = [(b"content-length", b"%d" % len(body)),
+                            (b"content-type", b"application/json")]
+        if headers:
+            self.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                                 for k, v in headers.items()]
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response encoded by msgspec."""
-    return Response(_json.encode(body), status_code=status, headers=headers,
-                    media_type="application/json")
+    return JsonResponse(_json.encode(body), status, headers)
 
 
 def app_state(request: Request) -> AppState:
@@ -62,7 +78,9 @@ async def create_job(request: Request) -> Response:
 
 def created_response(request: Request, job: Any, created: bool) -> Response:
     """201 with a Location for a new job, 200 for an existing one."""
-    location = str(request.url_for("get_job", job_id=job.id).path)
+    # What url_for("get_job") gives (mounted apps included), without its reverse routing
+    # and URL parsing on every submit: a job id is path-safe.
+    location = f"{request.scope.get('root_path', '')}/api/jobs/{job.id}"
     return json_response(JobOut.of(job), 201 if created else 200, {"Location": location})
 
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
@@ -38,6 +38,7 @@ from kernel.events import Event, decode_event
 from kernel.ports import Append, JobPage, JobQuery, StoreError, StoreFull, StoreUnavailable
 from kernel.state import Job, StoredEvent
 
+T = TypeVar("T")
 BATCH_APPENDS_MAX = 1024
 RECENT_EVENTS = 10_000
 
@@ -271,7 +272,7 @@ class SqliteEventStore:
         recent = self._recent
         if recent and recent[0].seq <= after + 1 and not self._closed:
             start = after + 1 - recent[0].seq  # seqs are gapless, so positions are exact
-            return list(itertools.islice(recent, start, start + limit))
+            return newest(recent, start, limit)
         return await self._events(
             "SELECT seq, job_id, version, payload, hash FROM events "
             "WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
@@ -378,6 +379,22 @@ class SqliteEventStore:
     async def _one_job(self, sql: str, params: tuple[object, ...]) -> Job | None:
         rows = list(await self._fetch(sql, params))
         return job_decoder.decode(rows[0][0]) if rows else None
+
+
+def newest(recent: deque[T], start: int, limit: int) -> list[T]:
+    """`recent[start:start + limit]`, walked from the nearer end of the deque.
+
+    Tails ask for the newest few events (and, once caught up, for none): walking a deque
+    of 10,000 from its left end to find them cost more than the rest of a commit.
+    """
+    wanted = len(recent) - start
+    if wanted <= 0:
+        return []
+    if wanted > start:
+        return list(itertools.islice(recent, start, start + limit))
+    events = list(itertools.islice(reversed(recent), wanted))
+    events.reverse()
+    return events[:limit]
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from adapters.groupcommit import GROUP_EARLY_START, GroupCommitter, PendingAppend
 from adapters.ledger import Batch, Ledger
 from adapters.sqlite import SqliteEventStore, schema
+from adapters.sqlite.store import newest
 from adapters.sqlite.writer import GroupStatements, connect_writer, prepare_writer, write_batch
 from adapters.sqlrows import JOB_COLUMNS, job_row
 from kernel.chain import GENESIS
@@ -60,7 +62,7 @@ class Recorder:
             raise RuntimeError("disk on fire")
         for request in requests:
             request.result = [StoredEvent(seq=0, job_id=request.job_id, version=1,
-                                          event=request.events[0])]  # type: ignore[arg-type]
+                                          event=request.events[0])]
 
 
 def wait_on_thread(event: threading.Event) -> bool:
@@ -260,3 +262,11 @@ async def test_side_writes_and_appends_share_the_writer_thread(tmp_path: Path) -
         assert {await store.get_checkpoint(f"consumer{n}") for n in range(5)} <= set(range(50))
     finally:
         await store.close()
+
+
+def test_newest_is_the_slice_of_the_recent_window_from_either_end() -> None:
+    """Reading the recent window from its right end gives exactly the slice, for any start."""
+    recent: deque[int] = deque(range(100, 140), maxlen=40)
+    for start in range(45):
+        for limit in (1, 2, 7, 39, 1000):
+            assert newest(recent, start, limit) == list(recent)[start:start + limit]
