@@ -57,7 +57,12 @@ def test_sigterm_drains_finishes_short_jobs_and_interrupts_long_ones(
     answers = _readyz_while_running(server)
     assert server.proc.wait(GRACE_S + 15) == 0, server.log_text()[-3000:]
     elapsed_s = time.monotonic() - started
-    assert answers and set(answers) == {(503, False)}, answers
+    # The signal is delivered asynchronously: a request already in flight when it lands
+    # may still be answered 200; from the first 503 on, every answer must be 503.
+    assert (503, False) in answers, answers
+    after = answers[answers.index((503, False)):]
+    assert set(after) == {(503, False)}, answers
+    assert answers.index((503, False)) <= 2, answers
     assert GRACE_S - 0.5 <= elapsed_s < GRACE_S + 8, elapsed_s
     short, long = _job_row(server, short_id), _job_row(server, long_id)
     assert short["status"] == "completed", short
