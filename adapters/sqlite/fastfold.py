@@ -4,7 +4,7 @@ Why a second fold exists: the kernel's `fold_stored` makes a new frozen `Job` pe
 (`msgspec.structs.replace` of every field, the file path recomputed at every claim), and
 with `job_row` per row that was ~10x the cost of decoding a log of a million events.
 Here a job is a plain list in `Job`'s field order: an event sets only the slots it
-changes; the file path and the row are made once per job (adapters/sqlite/rowpack.py).
+changes; the file path and the row are made once per job (adapters/sqlite/foldrows.py).
 
 It must give exactly `job_row` of the kernel's fold, byte for byte: tests/property/
 test_rebuild_fold.py rebuilds generated logs (every event type with every field varied,
@@ -53,7 +53,7 @@ _PENDING, _RUNNING, _COMPLETED, _FAILED, _CANCELLED = (
     Status.PENDING.value, Status.RUNNING.value, Status.COMPLETED.value, Status.FAILED.value,
     Status.CANCELLED.value)
 ACTIVE = frozenset({_PENDING, _RUNNING})
-# current_path is made when the row is built (rowpack.py); until then the slot may hold a
+# current_path is made when the row is built (foldrows.py); until then the slot may hold a
 # marker: the processing or error folder, or the completion's time (its day's archive).
 PROCESSING, ERROR_FOLDER = 1, 2
 

@@ -141,15 +141,16 @@ def _insert_sql(rows: int) -> str:
 
 
 class _RowWriter:
-    """A thread that owns `conn` while the fold runs: deletes the old rows, writes the new."""
+    """A thread that owns `conn` while the fold runs: empties the table, writes the rows."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.batches: queue.Queue[list[Row] | None] = queue.Queue(maxsize=3)
+        self.batches: queue.Queue[list[Row] | str | None] = queue.Queue(maxsize=3)
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, name="rebuild-writer", daemon=True)
 
     def __enter__(self) -> _RowWriter:
+        self.batches.put("DELETE FROM jobs")  # runs beside the first chunks of the fold
         self.thread.start()
         return self
 
@@ -167,7 +168,7 @@ class _RowWriter:
             self.batches.put(rows)
 
     def sync(self) -> None:
-        """Wait until every queued row is written."""
+        """Wait until the table is emptied and every queued row written."""
         self.batches.join()
         self._check()
 
@@ -176,19 +177,18 @@ class _RowWriter:
             raise self.failure[0]
 
     def _run(self) -> None:
-        self._write(None)  # the DELETE, beside the first fold
-        while (rows := self.batches.get()) is not None:
-            self._write(rows)
+        while (work := self.batches.get()) is not None:
+            self._write(work)
             self.batches.task_done()
         self.batches.task_done()
 
-    def _write(self, rows: list[Row] | None) -> None:
+    def _write(self, work: list[Row] | str) -> None:
         if self.failure:  # after a failure, drain: the folding thread must never block
             return
         try:
-            if rows is None:
-                self.conn.execute("DELETE FROM jobs")
+            if isinstance(work, str):
+                self.conn.execute(work)
             else:
-                write_rows(self.conn, rows)
+                write_rows(self.conn, work)
         except BaseException as exc:  # handed to the folding thread, which raises it
             self.failure.append(exc)

@@ -71,10 +71,19 @@ def decode_reference(path: Path) -> float:
 
 def rebuild(path: Path) -> tuple[float, int, float]:
     """Run `multiflow rebuild` in a child process: (events/s, events, peak RSS in MB)."""
+    # The store may still count its opening read as in flight for a moment (StoreUnavailable
+    # "rebuild while appends are in flight"): the child retries for up to a second.
     code = ("import anyio, json; from adapters.sqlite import SqliteEventStore\n"
+            "from kernel.ports import StoreUnavailable\n"
             "async def go():\n"
             f"    store = await SqliteEventStore.open({str(path)!r})\n"
-            "    report = await store.rebuild()\n"
+            "    for attempt in range(100):\n"
+            "        try:\n"
+            "            report = await store.rebuild()\n"
+            "            break\n"
+            "        except StoreUnavailable:\n"
+            "            if attempt == 99: raise\n"
+            "            await anyio.sleep(0.01)\n"
             "    await store.close()\n"
             "    print(json.dumps([report.events_per_s, report.events]))\n"
             "anyio.run(go)\n")
