@@ -283,3 +283,13 @@ def test_rows_go_in_statements_of_many_rows_whatever_their_number(variables_max:
         rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id").fetchall()
     assert report.jobs == 2_500
     assert typed(rows) == typed(folded(stored))
+
+
+def test_an_empty_log_empties_the_read_model() -> None:
+    """No events, no rows: whatever the table held before is gone."""
+    stale = job_row(replay(stamp([("j1", created("j1"))]))["j1"])
+    with sqlite_log([]) as (conn, path):
+        conn.execute(f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 13)})", stale)
+        report = rebuild_read_model(conn, path)
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+    assert (report.events, report.jobs) == (0, 0)
