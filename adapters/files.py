@@ -268,7 +268,8 @@ class HotFolders:
         await anyio.to_thread.run_sync(_move)
         return target.relative_to(self.data_dir).as_posix()
 
-    # -- the moves, in a worker thread -------------------------------------------------
+    # -- the moves: claims and settles make them on the loop, intake and reconcile in a
+    #    worker thread ----------------------------------------------------------------
 
     def _candidates(self, job: Job) -> list[str]:
         """Every place the lifecycle may have left the job's file, most advanced first."""
