@@ -21,6 +21,7 @@ view of the manager is `kernel.host.ManagerHost`).
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -58,6 +59,7 @@ from kernel.ports import (
     Entropy,
     EventStore,
     Executor,
+    FileMissing,
     Files,
     NotClaimed,
     StoreError,
@@ -65,7 +67,7 @@ from kernel.ports import (
     StoreUnavailable,
 )
 from kernel.queue import JobQueue
-from kernel.state import Job, Status, StoredEvent, apply
+from kernel.state import Job, Status, StoredEvent, apply, evolve
 from kernel.task import BaseProcessor
 
 CONFLICT_RETRIES_MAX = 5
@@ -406,6 +408,7 @@ class JobManager(IntakeDuties, ClusterDuties):
         together; start each claimed job."""
         at = self.clock.now()
         picked = len(claims)
+        moving: list[Job] = []
         appends = [Append(job.id, events, job.version) for job, events in first]
         startable: list[Job] = []
         for job in claims:
@@ -417,12 +420,26 @@ class JobManager(IntakeDuties, ClusterDuties):
                 continue
             appends.append(Append(job.id, started, job.version))
             startable.append(job)
+            if self.cluster is None:
+                moving.append(evolve(job, started[0]))
         claims = startable
         try:
             if self.cluster is not None and claims:
                 firsts, taken = await self.cluster.append_claims(
                     appends[: len(first)], appends[len(first):], self._limits(slots))
                 results = firsts + taken
+            elif moving:
+                # One node: the claimed files move while their claims commit, so the
+                # fsync of processing/ runs beside the log's instead of after it
+                # (decision 0005). A claim that fails leaves its pending job's file in
+                # processing/, where every lookup of a pending job's file searches.
+                async with anyio.create_task_group() as tg:
+                    for running in moving:
+                        tg.start_soon(self._move_early, running)
+                    try:
+                        results = await self.store.append_batch(appends)
+                    except StoreError as exc:  # the moves finish all the same
+                        results = [exc] * len(appends)
             else:
                 results = await self.store.append_batch(appends)
         except StoreError as exc:
@@ -442,6 +459,12 @@ class JobManager(IntakeDuties, ClusterDuties):
         if claims:
             self._wake()
         return results[: len(first)]
+
+    async def _move_early(self, job: Job) -> None:
+        """Move a job being claimed into processing/; the attempt claims it again (a no-op
+        then) and reports a file that cannot be moved."""
+        with contextlib.suppress(FileMissing, OSError):
+            await self.files.claim(job)
 
     def _limits(self, slots: int) -> ClaimLimits:
         """A claim's limits: this node's free slots, the cluster's and each workflow's."""
