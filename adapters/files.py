@@ -63,10 +63,11 @@ class HotFolders:
         self.data_dir = Path(data_dir).resolve()
         self._root = str(self.data_dir)
         self.intake_checker = intake or IntakeChecker()
-        # Concurrent jobs share thread hops: intake reads in one lane, the fsyncs that make
-        # moves durable in another (one fsync of a folder for every move made before it).
+        # Concurrent jobs share thread hops: the moves (and the fsyncs that make them
+        # durable, one per folder for a whole batch) in one lane, intake reads in another,
+        # so that a claim never waits behind another file's checks.
+        self._moves = FileLane()
         self._checks = FileLane()
-        self._syncs = FileLane()
 
     def ensure_layout(self, workflow_name: str) -> None:
         """Create the workflow's five folders."""
@@ -173,15 +174,8 @@ class HotFolders:
 
     async def claim(self, job: Job) -> None:
         """Move the file of a just-started job into processing/ (idempotent); durable
-        when this returns.
-
-        The rename is made here, on the event loop: a rename and a stat or two cost less
-        than the thread hop around them (as `input_file`'s lstat on every submit does).
-        Its folder's fsync runs in a worker thread, shared by every move made before it.
-        """
-        dirty: set[str] = set()
-        self._claim(job, dirty)
-        await self._sync(dirty)
+        when this returns (the lane fsyncs processing/ once for its whole batch)."""
+        await self._moves.run(lambda dirty: self._claim(job, dirty))
 
     async def settle(self, job: Job) -> None:
         """Move a terminal job's file to archive/ or error/ (idempotent).
@@ -190,23 +184,10 @@ class HotFolders:
         reconciliation at the next start finishes the move.
         """
         try:
-            if job.status in (Status.FAILED, Status.CANCELLED):
-                # The report first: a crash before the move leaves the file where
-                # reconciliation settles it again; a file in error/ always has its report.
-                target = self._path(job.current_path) + ERROR_SUFFIX
-                report = msgspec.json.format(msgspec.json.encode(_report(job)))
-                await self._syncs.run(lambda _: write_bytes_atomic(Path(target), report))
-            dirty: set[str] = set()
-            self._settle(job, dirty)
-            await self._sync(dirty)
+            await self._moves.run(lambda dirty: self._settle(job, dirty))
         except OSError:
             log.exception("settle_failed", job_id=job.id, workflow_name=job.workflow_name,
                           target=job.current_path)
-
-    async def _sync(self, folders: set[str]) -> None:
-        """fsync `folders` in the sync lane (with every other folder waiting for one)."""
-        if folders:
-            await self._syncs.run(lambda dirty: dirty.update(folders))
 
     async def reconcile(self, workflow_name: str, active: Sequence[Job],
                         jobs: JobLookup) -> None:
@@ -268,8 +249,7 @@ class HotFolders:
         await anyio.to_thread.run_sync(_move)
         return target.relative_to(self.data_dir).as_posix()
 
-    # -- the moves: claims and settles make them on the loop, intake and reconcile in a
-    #    worker thread ----------------------------------------------------------------
+    # -- the moves, in a worker thread -------------------------------------------------
 
     def _candidates(self, job: Job) -> list[str]:
         """Every place the lifecycle may have left the job's file, most advanced first."""
@@ -302,6 +282,11 @@ class HotFolders:
     def _settle(self, job: Job, dirty: set[str]) -> None:
         """Move the file to where the job's status says (its `current_path`)."""
         target = self._path(job.current_path)
+        if job.status in (Status.FAILED, Status.CANCELLED):
+            # The report first: a crash before the move leaves the file where
+            # reconciliation settles it again; a file in error/ always has its report.
+            write_bytes_atomic(Path(target + ERROR_SUFFIX),
+                               msgspec.json.format(msgspec.json.encode(_report(job))))
         if not os.path.exists(target):
             source = next((p for p in self._candidates(job)
                            if p != target and os.path.isfile(p)), None)

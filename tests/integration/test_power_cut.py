@@ -230,10 +230,12 @@ async def test_the_power_cut_oracle_sees_a_claim_that_was_not_made_durable(
 ) -> None:
     """Without the claim's fsync of processing/, some commit would leave a completed job's
     file back in input/ (new work after a power cut): the oracle above catches it."""
-    async def no_sync(self: HotFolders, folders: set[str]) -> None:
-        return None
+    real_claim = HotFolders._claim
 
-    monkeypatch.setattr(HotFolders, "_sync", no_sync)
+    def claim_without_fsync(self: HotFolders, job: Job, dirty: set[str]) -> None:
+        real_claim(self, job, set())  # the folder it dirtied is never handed to the lane
+
+    monkeypatch.setattr(HotFolders, "_claim", claim_without_fsync)
     journal = await cut_everywhere(tmp_path, monkeypatch)
     found = [v for s in journal.snapshots for v in violations(s)]
     assert any("back in input/" in v for v in found)
