@@ -29,6 +29,7 @@ from kernel.task import BaseProcessor
 
 log = structlog.get_logger("multiflow.files")
 ERROR_SUFFIX = ".error.json"
+CLAIMS_REMEMBERED = 4096  # durable claims kept, so that a job's second claim costs nothing
 
 
 class ErrorReport(msgspec.Struct, kw_only=True):
@@ -68,6 +69,9 @@ class HotFolders:
         # so that a claim never waits behind another file's checks.
         self._moves = FileLane()
         self._checks = FileLane()
+        # job id -> the attempt whose claim is durable: the manager moves a file while its
+        # claim commits, and the attempt's own claim then has nothing left to do.
+        self._claimed: dict[str, int] = {}
 
     def ensure_layout(self, workflow_name: str) -> None:
         """Create the workflow's five folders."""
@@ -174,8 +178,17 @@ class HotFolders:
 
     async def claim(self, job: Job) -> None:
         """Move the file of a just-started job into processing/ (idempotent); durable
-        when this returns (the lane fsyncs processing/ once for its whole batch)."""
+        when this returns (the lane fsyncs processing/ once for its whole batch).
+
+        A second claim of the same attempt returns at once: the first made it durable,
+        and only `settle` moves the file on (it forgets the claim).
+        """
+        if self._claimed.get(job.id) == job.attempts:
+            return
         await self._moves.run(lambda dirty: self._claim(job, dirty))
+        self._claimed[job.id] = job.attempts
+        if len(self._claimed) > CLAIMS_REMEMBERED:
+            del self._claimed[next(iter(self._claimed))]  # the oldest
 
     async def settle(self, job: Job) -> None:
         """Move a terminal job's file to archive/ or error/ (idempotent).
@@ -183,6 +196,7 @@ class HotFolders:
         A failure here is logged, not raised: the log already holds the outcome, and
         reconciliation at the next start finishes the move.
         """
+        self._claimed.pop(job.id, None)
         try:
             await self._moves.run(lambda dirty: self._settle(job, dirty))
         except OSError:

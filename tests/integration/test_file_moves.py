@@ -4,6 +4,7 @@ real SQLite): what a kill -9 or a power cut between two steps would leave."""
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import adapters.fsutil
 from adapters import Kernel
 from adapters.files import ERROR_SUFFIX
 from kernel.config import WorkflowConfig
-from kernel.state import Status
+from kernel.events import JobCancelled, JobCreated, JobStarted
+from kernel.state import Status, evolve
 from kernel.task import BaseProcessor, JobContext, JobError
 
 pytestmark = pytest.mark.anyio
@@ -91,3 +93,38 @@ async def test_a_failed_jobs_report_is_in_error_before_its_file(
     assert ("move", "error report=False") not in steps.log
     reports = list((tmp_path / "moves/error").glob(f"*{ERROR_SUFFIX}"))
     assert len(reports) == 1
+
+
+async def test_a_jobs_file_is_claimed_from_the_disk_once_per_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manager moves a file while its claim commits; the attempt's own claim then
+    returns without another pass over the disk (nor a thread hop)."""
+    passes: list[str] = []
+    real_claim = adapters.files.HotFolders._claim
+
+    def counting_claim(self: adapters.files.HotFolders, job: Any, dirty: set[str]) -> None:
+        passes.append(job.id)
+        real_claim(self, job, dirty)
+
+    monkeypatch.setattr(adapters.files.HotFolders, "_claim", counting_claim)
+    steps = Steps(monkeypatch)
+    assert await run_one(tmp_path, steps, fail=False) is Status.COMPLETED
+    assert len(passes) == 1
+
+
+async def test_a_settled_job_is_claimed_from_the_disk_again(tmp_path: Path) -> None:
+    """Settling forgets a job's claim: claiming the same attempt again looks for the file
+    where the settle left it (here: brought back from error/)."""
+    files = adapters.files.HotFolders(tmp_path)
+    files.ensure_layout("moves")
+    (tmp_path / "moves/input/a.txt").write_bytes(b"a")
+    now = datetime.now(UTC)
+    created = evolve(None, JobCreated(job_id="J1", at=now, workflow_name="moves",
+                                      file_path="moves/input/a.txt"))
+    running = evolve(created, JobStarted(job_id="J1", at=now, attempt=1))
+    await files.claim(running)
+    await files.settle(evolve(running, JobCancelled(job_id="J1", at=now, actor="test")))
+    assert (tmp_path / "moves/error/J1--a.txt").exists()
+    await files.claim(running)
+    assert (tmp_path / "moves/processing/J1--a.txt").exists()
