@@ -83,15 +83,15 @@ class GroupCommitter:
         self._queue: deque[_Group | _Call] = deque()  # guarded by _lock
         self._open: _Group | None = None  # the group new appends join (queued already)
         self._idle = False  # the thread waits on _wake
-        self._writing = False
         self._stopping = False
+        self._outstanding = 0  # groups and calls not yet handed back (read and written on the loop)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     @property
     def busy(self) -> bool:
-        """True while a group or a call is queued or running."""
-        return self._writing or bool(self._queue)
+        """True while a group or a call is queued, running, or not yet handed back."""
+        return self._outstanding > 0
 
     async def submit(self, appends: Sequence[Append]) -> list[list[StoredEvent] | StoreError]:
         """Append in the open group; each result is the stored events or the refusal."""
@@ -116,6 +116,7 @@ class GroupCommitter:
             if group is None:
                 group = self._open = _Group()
                 self._queue.append(group)
+                self._outstanding += 1
                 if self._idle:
                     # Let the appends issued in this turn of the loop join first.
                     self._loop.call_soon(self._kick)
@@ -138,6 +139,7 @@ class GroupCommitter:
             if self._stopping:
                 raise StoreUnavailable("the writer has stopped")
             self._queue.append(_Call(func, args, future))
+            self._outstanding += 1
             if self._idle:
                 self._wake.notify()
         # Shielded: the call runs anyway, and its caller (a close, a rebuild) must not
@@ -156,6 +158,7 @@ class GroupCommitter:
                 return
             self._stopping = True
             self._queue.append(_Call(last, (), future))
+            self._outstanding += 1
             self._wake.notify()
         await asyncio.shield(future)
 
@@ -164,7 +167,6 @@ class GroupCommitter:
     def _run(self) -> None:
         while True:
             with self._lock:
-                self._writing = False
                 while not self._queue:
                     if self._stopping:
                         return
@@ -174,7 +176,6 @@ class GroupCommitter:
                 item = self._queue.popleft()
                 if item is self._open:
                     self._open = None  # appends from now on form the next group
-                self._writing = True
             if isinstance(item, _Group):
                 self._write_group(item)
             else:
@@ -193,31 +194,33 @@ class GroupCommitter:
         self._to_loop(self._finish, group)
 
     def _finish(self, group: _Group) -> None:
+        self._outstanding -= 1
         try:
             self._written(group.requests)
         finally:
             group.done.set()
 
+    def _settle(self, future: asyncio.Future[Any], result: Any,
+                error: BaseException | None) -> None:
+        self._outstanding -= 1
+        if future.done():  # its caller was cancelled (the call ran anyway)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
     def _run_call(self, call: _Call) -> None:
         try:
             result = call.func(*call.args)
         except BaseException as exc:  # handed to the caller, who re-raises it
-            self._to_loop(_settle, call.future, None, exc)
+            self._to_loop(self._settle, call.future, None, exc)
         else:
-            self._to_loop(_settle, call.future, result, None)
+            self._to_loop(self._settle, call.future, result, None)
 
     def _to_loop(self, func: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to wake
             self._loop.call_soon_threadsafe(func, *args)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _nothing() -> None:

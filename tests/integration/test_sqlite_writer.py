@@ -270,3 +270,23 @@ def test_newest_is_the_slice_of_the_recent_window_from_either_end() -> None:
     for start in range(45):
         for limit in (1, 2, 7, 39, 1000):
             assert newest(recent, start, limit) == list(recent)[start:start + limit]
+
+
+async def test_rebuild_runs_right_after_open_and_is_refused_while_an_append_is_in_flight(
+        tmp_path: Path) -> None:
+    """The writer is idle once open returns; an append not yet handed back makes it busy."""
+    path = tmp_path / "log.db"
+    store = await SqliteEventStore.open(path)
+    await store.append("A", [created("A")], 0)
+    await store.close()
+    store = await SqliteEventStore.open(path)
+    try:
+        assert (await store.rebuild()).events == 1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.append, "B", [created("B")], 0)
+            await anyio.lowlevel.checkpoint()  # B has joined a group, not yet handed back
+            with pytest.raises(StoreUnavailable, match="in flight"):
+                await store.rebuild()
+        assert (await store.rebuild()).events == 2
+    finally:
+        await store.close()
