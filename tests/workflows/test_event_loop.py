@@ -39,7 +39,7 @@ def random_bytes(size_bytes: int) -> bytes:
 
 
 CASES: list[tuple[ModuleType, str, Callable[[], bytes], dict[str, Any]]] = [
-    (compress, "random.bin", lambda: random_bytes(96 * 2**20), {"level": 9}),  # GIL released
+    (compress, "random.bin", lambda: random_bytes(192 * 2**20), {"level": 9}),  # GIL released
     (csv_summary, "big.csv", lambda: big_csv(96 * 2**20), {}),  # pure Python: GIL held
 ]
 
