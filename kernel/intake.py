@@ -102,7 +102,12 @@ class IntakeDuties:
                 self._admit(job)
         elif job.is_active:
             self._jobs.pop(job.id, None)  # another node runs it
-        elif not job.is_active:
+        elif self.cluster is not None:
+            # Ended elsewhere: the node that ran it, or that cancelled it while pending,
+            # moves its file (two nodes moving one file would race).
+            self._jobs.pop(job.id, None)
+            self._done_here(job.id)
+        else:
             self._jobs.pop(job.id, None)
             await self._settle_file(job)  # e.g. cancelled while we were claiming it
 

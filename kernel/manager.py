@@ -216,8 +216,13 @@ class JobManager(IntakeDuties, ClusterDuties):
         job = await self._decide_and_append(job_id, command)
         self.queue.discard(job_id)
         attempt = self._running.get(job_id)
-        if attempt is not None:
+        if attempt is not None and attempt.job.status is Status.RUNNING:
             attempt.stop("cancel")  # its runner settles the file once the processor stops
+        elif attempt is not None:
+            # Being claimed here: that claim now conflicts. We cancelled it, so we move
+            # its file (on one node the claim may have moved it already: settle finds it).
+            attempt.stop("cancel")
+            await self._settle_file(job)
         elif self.cluster is not None and before[0].status is Status.RUNNING:
             # Another node runs it: that node stops the processor and moves the file.
             self._done_here(job.id)

@@ -50,7 +50,7 @@ async def schema() -> AsyncIterator[str]:
 async def node(schema: str, data_dir: Path, processor: BaseProcessor, **options: Any
                ) -> AsyncIterator[Kernel]:
     store = await PostgresEventStore.open(store_url(schema))
-    options.setdefault("lease_s", 2.0)
+    options.setdefault("lease_s", 5.0)  # short, yet long enough for a loaded CI machine
     options.setdefault("heartbeat_s", 0.3)
     async with Kernel.open(store, data_dir, drain_grace_s=5, **options) as kernel:
         kernel.register_workflow("wf", processor)
