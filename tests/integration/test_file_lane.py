@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -47,14 +48,14 @@ async def test_concurrent_operations_share_hops_and_one_fsync_per_folder(
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     hops = 0
-    real_run_sync = anyio.to_thread.run_sync
+    real_run_batch = adapters.fsutil._run_batch
 
-    async def counting_run_sync(*args: object, **kwargs: object) -> object:
+    def counting_run_batch(batch: list[Any]) -> None:
         nonlocal hops
         hops += 1
-        return await real_run_sync(*args, **kwargs)  # type: ignore[arg-type]
+        real_run_batch(batch)
 
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counting_run_sync)
+    monkeypatch.setattr(adapters.fsutil, "_run_batch", counting_run_batch)
     lane = FileLane()
     results: dict[int, int] = {}
 
@@ -141,3 +142,29 @@ async def test_a_cancelled_waiter_does_not_stall_the_lane(tmp_path: Path) -> Non
         with anyio.fail_after(5):
             await done.wait()
     assert ran == ["slow", "abandoned", "later"]
+
+
+async def test_the_lanes_thread_ends_when_idle_and_comes_back(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane's own thread ends after its idle time and a new one serves the next batch."""
+    monkeypatch.setattr(adapters.fsutil._Worker, "IDLE_S", 0.05)
+    lane = FileLane()
+    first = await lane.run(lambda dirty: threading.current_thread())
+    assert first.name == "multiflow-file-lane"
+    with anyio.fail_after(5):
+        while first.is_alive():  # noqa: ASYNC110 (a thread ending has no event to wait on)
+            await anyio.sleep(0.02)
+    second = await lane.run(lambda dirty: threading.current_thread())
+    assert second is not first and second.name == "multiflow-file-lane"
+
+
+async def test_without_an_asyncio_loop_the_lane_uses_anyios_threads(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under another event loop (trio) there is no asyncio loop to answer to: batches run
+    in anyio's worker threads instead."""
+    monkeypatch.setattr(adapters.fsutil, "_asyncio_loop", lambda: None)
+    lane = FileLane()
+    name = await lane.run(lambda dirty: threading.current_thread().name)
+    assert name != "multiflow-file-lane" and name != threading.main_thread().name
