@@ -79,7 +79,10 @@ class IntakeDuties:
         running = [job for job in await self.store.active_jobs(workflow.name)
                    if job.status is Status.RUNNING]
         for job in await self._orphans(running):
-            interrupted = await self._interrupt(job, workflow.config)
+            try:
+                interrupted = await self._interrupt(job, workflow.config)
+            except Rejected:
+                continue  # another node recovered it first
             if not interrupted.is_active:
                 finished.append(interrupted)
         active = await self.store.active_jobs(workflow.name)

@@ -34,8 +34,10 @@ class ClusterDuties:
         at = self.clock.now()
         when = retry_at(config, job.attempts, "Interrupted", at, self.entropy.random())
         who = f"node {job.worker}" if self.cluster is not None and job.worker else "the process"
+        # The attempt found orphaned, not the job's latest: if another node recovered it
+        # first and a live node claimed it again, the decider refuses this report.
         return await self._decide_and_append(job.id, lambda j: FailJob(
-            job_id=j.id, at=at, attempt=j.attempts, error_type="Interrupted",
+            job_id=j.id, at=at, attempt=job.attempts, error_type="Interrupted",
             message=f"{who} running this job stopped before it finished", retry_at=when))
 
     async def _keep_alive(self: ManagerHost, cluster: Cluster) -> None:

@@ -18,6 +18,8 @@ import pytest
 
 from adapters import Kernel
 from adapters.postgres import PostgresEventStore
+from kernel.config import WorkflowConfig
+from kernel.decide import Rejected
 from kernel.events import JobCancelled, JobCompleted, JobFailed, JobStarted
 from kernel.ports import StoreUnavailable
 from kernel.state import Status, StoredEvent
@@ -225,6 +227,34 @@ async def test_an_old_event_read_late_does_not_stop_a_newer_attempt(schema: str,
                             event=JobCancelled(job_id=job.id, at=now, actor="elsewhere"))
         await here.manager._foreign(newer)
         assert attempt.stop_reason == "cancel"
+
+
+async def test_recovering_an_orphan_never_fails_the_attempt_that_replaced_it(
+        schema: str, tmp_path: Path) -> None:
+    """Two nodes see the same dead node's job; the first recovers it and a live node
+    claims it again: the second node's recovery is refused, the new attempt runs on."""
+    (name,) = inputs(tmp_path, 1)
+    raw = await PostgresEventStore.open(store_url(schema), node_id="raw")
+    try:
+        job_id = await _submit_raw(raw, f"wf/input/{name}")
+        now = datetime.now(UTC)
+        await raw.append(job_id, [JobStarted(job_id=job_id, at=now, attempt=1,
+                                             worker="ghost")], 1)
+        orphan = await raw.get_job(job_id)
+        await raw.append(job_id, [
+            JobFailed(job_id=job_id, at=now, attempt=1, error_type="Interrupted",
+                      message="recovered by a faster node", retry_at=now),
+            JobStarted(job_id=job_id, at=now, attempt=2, worker="raw")], 2)
+        await raw.heartbeat(30)  # "raw" is alive: its attempt 2 must stand
+        async with node(schema, tmp_path, Sleep(0.01)) as late:
+            assert orphan is not None
+            with pytest.raises(Rejected):
+                await late.manager._interrupt(orphan, WorkflowConfig())
+            current = await late.store.get_job(job_id)
+        assert current is not None
+        assert current.status is Status.RUNNING and current.attempts == 2
+    finally:
+        await raw._pool.close()
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
