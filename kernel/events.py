@@ -15,7 +15,7 @@ PRIORITY_MIN = -100
 PRIORITY_MAX = 100
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """Base of every job event: which job, and when (from the Clock port)."""
 
     job_id: str

@@ -38,7 +38,7 @@ ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 
-class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Why the last attempt failed, or who cancelled the job."""
 
     type: str
@@ -47,7 +47,7 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     actor: str | None = None
 
 
-class Job(msgspec.Struct, frozen=True, kw_only=True):
+class Job(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One job as the log says it is now: the status view."""
 
     id: str
@@ -189,7 +189,7 @@ def _created(event: JobCreated) -> Job:
     )
 
 
-class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
+class StoredEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """An event as the log holds it: its global seq, per-job version and chain hash."""
 
     seq: int

@@ -398,8 +398,15 @@ async def test_delivery_resumes_at_the_checkpoint_after_a_stop(tmp_path: Path) -
                 await k.wait(job.id, timeout_s=10)
             wanted = expected(await read_log(k), target)
             await eventually(lambda: receiver.delivered_keys() == set(wanted), what="the rest")
-            final_checkpoint = await k.store.get_checkpoint(  # type: ignore[attr-defined]
-                f"webhook:{target.name}")
+            last_seq = max(stored.seq for stored in wanted.values())
+
+            async def checkpointed() -> bool:  # recorded just after the receiver answers
+                seq = await k.store.get_checkpoint(  # type: ignore[attr-defined]
+                    f"webhook:{target.name}")
+                return bool(seq == last_seq)
+
+            await eventually(checkpointed, what="the final checkpoint")
+            final_checkpoint = last_seq
 
     seqs = [stored.seq for stored in wanted.values()]
     assert seqs[0] <= checkpoint < seqs[-1]
