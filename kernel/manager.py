@@ -422,6 +422,9 @@ class JobManager(IntakeDuties, ClusterDuties):
             except Rejected:  # the clock stepped back before its retry time: later
                 self._release(job)
                 self.queue.push(job)
+                if self.cluster is not None:  # no longer a candidate of this claim
+                    self._candidates -= 1
+                    picked -= 1
                 continue
             appends.append(Append(job.id, started, job.version))
             startable.append(job)
