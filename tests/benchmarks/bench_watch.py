@@ -24,7 +24,7 @@ import watchfiles
 from adapters import Kernel
 from kernel.config import WorkflowConfig
 from kernel.events import JobCreated
-from tests.benchmarks.bench_e2e import completions
+from tests.benchmarks.bench_e2e import completions, following
 from tests.benchmarks.common import NoOp
 
 
@@ -120,7 +120,7 @@ async def throughput(root: Path, count: int, concurrency: int) -> float:
         kernel.register_workflow("bench", NoOp(), config=config)
         await kernel.start_watchers()
         inbox = data / "bench/input"
-        tail = kernel.store.tail(await kernel.store.last_seq())
+        tail = following(kernel, await kernel.store.last_seq())
         async with contextlib.aclosing(tail):
             started = time.perf_counter()
             for i in range(count):
