@@ -32,7 +32,8 @@ class IntakeDuties:
     async def _intake_worker(self: ManagerHost) -> None:
         while True:
             if not self._intake:
-                self._intake_ready = anyio.Event()
+                if self._intake_ready.is_set():  # one fresh event for every idle worker
+                    self._intake_ready = anyio.Event()
                 await self._intake_ready.wait()
                 continue
             job = self._jobs.get(self._intake.popleft())
