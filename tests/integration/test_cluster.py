@@ -114,10 +114,12 @@ async def test_two_nodes_share_the_work_and_each_job_runs_once(schema: str, tmp_
 
 async def test_the_cluster_wide_limit_holds_across_nodes(schema: str, tmp_path: Path) -> None:
     names = inputs(tmp_path, 30)
-    # Jobs of 50 ms: long enough that the limit is reached and every node gets work.
-    async with node(schema, tmp_path, Sleep(0.05), concurrency=2, node_concurrency=2) as a, \
-            node(schema, tmp_path, Sleep(0.05), concurrency=2, node_concurrency=2) as b, \
-            node(schema, tmp_path, Sleep(0.05), concurrency=2, node_concurrency=2) as c:
+    # One job per node, two in the cluster: reaching 2 takes two nodes at once, and the
+    # third node's free slot must stay unused. (A node may keep a slot it frees: its
+    # finishing commit carries its next claim.)
+    async with node(schema, tmp_path, Sleep(0.05), concurrency=2, node_concurrency=1) as a, \
+            node(schema, tmp_path, Sleep(0.05), concurrency=2, node_concurrency=1) as b, \
+            node(schema, tmp_path, Sleep(0.05), concurrency=2, node_concurrency=1) as c:
         ids = [(await (a, b, c)[i % 3].submit("wf", name)).id for i, name in enumerate(names)]
         with anyio.fail_after(60):
             for job_id in ids:
