@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -13,21 +12,9 @@ import pytest
 
 from adapters.postgres import PostgresEventStore
 from kernel.events import JobCreated
+from tests.integration.pgkit import URL, server_or_skip
 
 pytestmark = pytest.mark.anyio
-URL = os.environ.get("MULTIFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def server_or_skip() -> None:
-    try:
-        with psycopg.connect(URL, connect_timeout=3):
-            pass
-    except Exception as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {URL} is required in CI: {exc}")
-        pytest.skip(f"no PostgreSQL at {URL}: {exc}")
-
-
 @pytest.fixture
 async def schema() -> AsyncIterator[str]:
     server_or_skip()
