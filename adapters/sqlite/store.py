@@ -118,9 +118,13 @@ class SqliteEventStore:
         for start in range(0, len(requests), BATCH_APPENDS_MAX):
             self._write(requests[start : start + BATCH_APPENDS_MAX])
 
-    def _write(self, requests: list[PendingAppend]) -> None:
+    def _write(self, requests: list[PendingAppend], *, trust_new: bool = True) -> None:
         assert self._writer is not None
-        known = self._prefetch(requests)
+        # A new job's id (expected version 0) is a fresh ULID: it is not looked up first.
+        # Should one exist already (ids an embedding caller chose), the insert's UNIQUE
+        # (job_id, version) refuses the group, and it is written again with every id
+        # looked up, so only that append is refused.
+        known = self._prefetch(requests, trust_new=trust_new)
         batch = self._ledger.begin(known.get, self._load_key)
         accepted: list[PendingAppend] = []
         for request in requests:
@@ -140,6 +144,12 @@ class SqliteEventStore:
         try:
             self._commit(batch)
         except sqlite3.Error as exc:
+            if trust_new and isinstance(exc, sqlite3.IntegrityError) and \
+                    any(r.expected_version == 0 for r in accepted):
+                for request in requests:
+                    request.result, request.error = [], None
+                self._write(requests, trust_new=False)
+                return
             error = _translate(exc, self.path)
             if isinstance(exc, sqlite3.IntegrityError):
                 self._load_ledger()  # the file disagrees with our view: trust the file
@@ -164,10 +174,12 @@ class SqliteEventStore:
             f"SELECT body FROM jobs WHERE status IN {ACTIVE_SQL}").fetchall()
         self._ledger.load_active([job_decoder.decode(body) for (body,) in active])
 
-    def _prefetch(self, requests: list[PendingAppend]) -> dict[str, Job]:
+    def _prefetch(self, requests: list[PendingAppend], *, trust_new: bool) -> dict[str, Job]:
         # One query for every job of the batch the ledger does not hold (not active).
         assert self._writer is not None
-        wanted = list({r.job_id for r in requests if r.job_id not in self._ledger.active})
+        active = self._ledger.active
+        wanted = list({r.job_id for r in requests if r.job_id not in active
+                       and not (trust_new and r.expected_version == 0)})
         known: dict[str, Job] = {}
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]

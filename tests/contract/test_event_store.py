@@ -322,6 +322,27 @@ async def test_creating_an_existing_job_id_conflicts(store: EventStore) -> None:
     await assert_nothing_written(store, before)
 
 
+async def test_recreating_a_finished_job_id_is_refused_alone(store: EventStore) -> None:
+    """A JobCreated at version 0 for the id of a finished job conflicts (actual 3), while
+    the new jobs appended beside it land: ids of finished jobs are not kept in memory."""
+    await create(store, "A", name="a.pdf")
+    await advance(store, "A", [started("A"), completed("A")])
+    results = await store.append_batch([
+        Append("B", [created("B", name="b.pdf")], 0),
+        Append("A", [created("A", name="again.pdf")], 0),
+        Append("C", [created("C", name="c.pdf")], 0),
+    ])
+    b, a, c = results
+    assert isinstance(a, ConcurrencyConflict) and (a.expected, a.actual) == (0, 3)
+    assert not isinstance(b, StoreError) and not isinstance(c, StoreError)
+    assert [(s.job_id, s.version) for s in b + c] == [("B", 1), ("C", 1)]
+    assert_gapless(await whole_log(store))
+    assert (await store.get_job("A")).status is Status.COMPLETED  # type: ignore[union-attr]
+    await assert_read_model_is_replay(store)
+    with pytest.raises(ConcurrencyConflict):  # alone in its group too
+        await create(store, "A", name="again.pdf")
+
+
 # -- one active job per file, idempotency keys ----------------------------------------------
 
 
