@@ -8,6 +8,8 @@ attempt) and metric updates, with one canonical line per finished job
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +22,9 @@ from kernel.events import (
     JobCancelled,
     JobCompleted,
     JobCreated,
+    JobDuplicateReceived,
     JobFailed,
+    JobProgress,
     JobRetried,
     JobStarted,
     event_tag,
@@ -29,6 +33,8 @@ from kernel.ports import EventStore, StoreError
 from kernel.state import Job, Status, StoredEvent, apply
 
 log = structlog.get_logger("multiflow.jobs")
+# Events logged at debug level only: nothing else of them is logged.
+_DEBUG_ONLY = frozenset({JobCreated, JobStarted, JobProgress, JobDuplicateReceived})
 
 
 class Observer:
@@ -41,6 +47,8 @@ class Observer:
         self._active: dict[str, Job] = {}
         # Each metric's child per label values: `labels()` costs more than the update.
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._debug = False
+        self._debug_checked_until = 0.0
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -98,16 +106,26 @@ class Observer:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def _debug_enabled(self) -> bool:
+        """Whether debug lines are wanted, asked of structlog at most once a second: binding
+        a logger for a line nobody wants cost more than the rest of an event's handling."""
+        now = time.monotonic()
+        if now >= self._debug_checked_until:
+            self._debug = log.is_enabled_for(logging.DEBUG)
+            self._debug_checked_until = now + 1.0
+        return self._debug
+
     def _log(self, stored: StoredEvent, job: Job) -> None:
         event, workflow = stored.event, job.workflow_name
+        if event.__class__ is JobStarted and event.attempt == 1:
+            self._child(self.metrics.intake, workflow, "accepted", "").inc()
+            self._child(self.metrics.wait, workflow).observe(_seconds(job.created_at, event.at))
+        if event.__class__ in _DEBUG_ONLY and not self._debug_enabled():
+            return
         bound = log.bind(job_id=job.id, workflow_name=workflow, attempt=job.attempts,
                          seq=stored.seq)
         match event:
             case JobStarted():
-                if event.attempt == 1:
-                    self._child(self.metrics.intake, workflow, "accepted", "").inc()
-                    self._child(self.metrics.wait, workflow).observe(
-                        _seconds(job.created_at, event.at))
                 bound.debug("job_started", priority=job.priority)
             case JobFailed():
                 self._failed(bound, event, job)

@@ -85,3 +85,25 @@ async def test_metrics_match_what_happened(tmp_path: Path) -> None:
     assert "multiflow_log_events 12.0" in metrics
     assert "process_resident_memory_bytes" in metrics
     assert "multiflow_log_append_seconds_count" in metrics
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("level", ["debug", "info"])
+async def test_debug_lines_of_each_event_only_at_debug_level(tmp_path: Path, level: str) -> None:
+    """job_created and job_started are logged at debug level, and only there; the metrics
+    those events move are counted at any level."""
+    files = configure_logging(level, "json", log_dir=tmp_path / "logs")
+    try:
+        _, (metrics, job_id) = await run_jobs(tmp_path / "data", [b"fine"])
+    finally:
+        if files is not None:
+            files.close()
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in (tmp_path / "logs/echo.log").read_text().splitlines()]
+    events = [line["event"] for line in lines if line.get("job_id") == job_id]
+    if level == "debug":
+        assert events[:2] == ["job_created", "job_started"]
+    else:
+        assert events == ["job_finished"]
+    assert 'multiflow_intake_total{outcome="accepted",reason="",workflow="echo"} 1.0' in metrics
+    assert 'multiflow_job_wait_seconds_count{workflow="echo"} 1.0' in metrics
