@@ -263,3 +263,23 @@ TRAILER_CHECKS: dict[str, Callable[[Sample], str | None]] = {
     "webp": _webp_end,
     **dict.fromkeys(ZIP_FAMILY, _zip_end),
 }
+# The matchers of the formats whose end `truncation` checks. Every matcher of the ZIP
+# family wants a local file header first ("PK"), and the document ones search 6,000 bytes
+# for it before looking: they are tried only on a head that starts so.
+_END_CHECKED = tuple(t for t in filetype.types if str(t.extension).lower() in TRAILER_CHECKS)
+_END_CHECKED_NOT_ZIP = tuple(t for t in _END_CHECKED if str(t.extension).lower() not in ZIP_FAMILY)
+
+
+def end_checked(head: bytes) -> bool:
+    """Whether the head may be of a format whose end `truncation` checks.
+
+    False means `truncation(sniff(sample, name), sample)` is None: `sniff` names a format
+    only when that format's matcher accepts the head, so when none of these does, the
+    kind it would name has no end to check. Trying these few costs a sixth of `sniff`,
+    which is what a workflow that checks completeness but allows every type needs.
+    """
+    try:
+        matchers = _END_CHECKED if head[:2] == b"PK" else _END_CHECKED_NOT_ZIP
+        return filetype.match(head, matchers) is not None
+    except (TypeError, ValueError, IndexError, struct.error):
+        return True  # let `sniff` decide, as it would have

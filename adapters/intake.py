@@ -12,7 +12,7 @@ from typing import Protocol
 
 import anyio.from_thread
 
-from adapters.filetypes import read_sample, sniff, truncation, type_refusal
+from adapters.filetypes import end_checked, read_sample, sniff, truncation, type_refusal
 from kernel.config import WorkflowConfig
 from kernel.ports import Refusal, ScannerUnavailable
 from kernel.task import BaseProcessor
@@ -66,6 +66,8 @@ class IntakeChecker:
         if not config.allowed_types and not config.check_complete:
             return None
         sample = read_sample(path)
+        if not config.allowed_types and not end_checked(sample.head):
+            return None  # every type is allowed, and this one has no end to check
         sniffed = sniff(sample, path.name)
         if reason := type_refusal(sniffed, path.name, config.allowed_types):
             return Refusal("TypeNotAllowed", reason)

@@ -14,8 +14,18 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from adapters.filetypes import HEAD_BYTES, TAIL_BYTES, read_sample
+from adapters.filetypes import (
+    HEAD_BYTES,
+    TAIL_BYTES,
+    Sample,
+    end_checked,
+    read_sample,
+    sniff,
+    truncation,
+)
 from adapters.intake import IntakeChecker
 from kernel.config import WorkflowConfig
 from kernel.ports import Refusal, ScannerUnavailable
@@ -209,6 +219,31 @@ def test_completeness_is_checked_without_allowed_types(tmp_path: Path) -> None:
     refusal = check(path)
     assert refusal is not None and refusal.error_type == "Truncated"
     assert check(path, check_complete=False) is None
+
+
+@pytest.mark.parametrize("suffix", sorted(COMPLETE))
+def test_every_truncated_format_is_refused_without_allowed_types(tmp_path: Path,
+                                                                 suffix: str) -> None:
+    """With every type allowed, a cut file of each checked format is still Truncated (the
+    shortcut that skips the full sniff recognises each of them)."""
+    data = COMPLETE[suffix]()
+    refusal = check(write(tmp_path, f"file{suffix}", data[: len(data) * 2 // 3]))
+    assert refusal is not None and refusal.error_type == "Truncated"
+    assert end_checked(data[:HEAD_BYTES])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(COMPLETE)), st.integers(0, 64), st.binary(max_size=64),
+       st.booleans())
+def test_a_head_no_checked_format_accepts_has_no_end_to_check(
+    suffix: str, cut: int, noise: bytes, prefix: bool
+) -> None:
+    """Whenever `end_checked` says no, the full sniff names no format whose end is checked:
+    heads made of real formats' first bytes, cut short and followed or led by noise."""
+    head = COMPLETE[suffix]()[:cut]
+    head = head + noise if prefix else noise + head
+    sample = Sample(head, head, len(head))
+    assert end_checked(head) or truncation(sniff(sample, f"f{suffix}"), sample) is None
 
 
 def test_sample_reads_only_head_and_tail(tmp_path: Path) -> None:
