@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters.config import Settings, token_name, token_secret
@@ -141,15 +141,26 @@ class RateLimit:
 
 
 async def read_body(request: Request, limit_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit_bytes`."""
+    """The request body, refused with 413 as soon as it passes `limit_bytes`.
+
+    Read from the ASGI messages themselves: Starlette's `stream()` generator cost more
+    than the rest of reading a small JSON body.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
         raise ApiError(413, f"the body is over the limit of {limit_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit_bytes:
             raise ApiError(413, f"the body is over the limit of {limit_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
