@@ -30,6 +30,7 @@ from kernel.task import BaseProcessor
 log = structlog.get_logger("multiflow.files")
 ERROR_SUFFIX = ".error.json"
 CLAIMS_REMEMBERED = 4096  # durable claims kept, so that a job's second claim costs nothing
+SCANS_AT_ONCE = 4  # intake checks waiting on the virus scanner at once (each in a thread)
 
 
 class ErrorReport(msgspec.Struct, kw_only=True):
@@ -69,6 +70,7 @@ class HotFolders:
         # so that a claim never waits behind another file's checks.
         self._moves = FileLane()
         self._checks = FileLane()
+        self._scans: anyio.CapacityLimiter | None = None  # made on the event loop
         # job id -> the attempt whose claim is durable: the manager moves a file while its
         # claim commits, and the attempt's own claim then has nothing left to do.
         self._claimed: dict[str, int] = {}
@@ -166,7 +168,10 @@ class HotFolders:
                      processor: BaseProcessor) -> Refusal | None:
         """Run the intake checks on a pending job's file (where it lies now)."""
         if config.scan:  # a scan waits on clamd: its own thread, never a shared batch
-            return await anyio.to_thread.run_sync(self._intake, job, config, processor)
+            if self._scans is None:
+                self._scans = anyio.CapacityLimiter(SCANS_AT_ONCE)
+            return await anyio.to_thread.run_sync(self._intake, job, config, processor,
+                                                  limiter=self._scans)
         return await self._checks.run(lambda _: self._intake(job, config, processor))
 
     def _intake(self, job: Job, config: WorkflowConfig,

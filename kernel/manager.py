@@ -90,7 +90,7 @@ class JobManager(IntakeDuties, ClusterDuties):
         concurrency: int = 1,
         aging_interval_s: float | None = 60.0,
         worker_name: str = "",
-        intake_concurrency: int = 4,
+        intake_concurrency: int = 32,
         cluster: Cluster | None = None,
         cluster_concurrency: int | None = 1,
         lease_s: float = 15.0,
