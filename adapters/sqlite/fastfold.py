@@ -228,6 +228,68 @@ class FastFold:
         return held
 
 
+class Irregular(Exception):
+    """The log is not one the job-order fold may take: the fold in seq order must decide."""
+
+
+ByJob = tuple[int, int, "str | bytes"]  # version, seq, payload
+
+
+class JobOrder:
+    """Folds events given job by job, of the jobs with first <= job_id < end (None: no bound).
+
+    Read ORDER BY job_id, version, all of a job's events come together, so a job is done
+    when the next one begins: only the current job is held, none is ever revived. That
+    gives the seq-order fold's rows where each job's events are in order by both version
+    and seq, begin with its JobCreated as version 1, and where every job is in its range
+    and after the one before (so no job comes twice). Anything else raises Irregular: the
+    caller then folds in seq order, which raises the StoreError naming the first bad seq.
+    """
+
+    def __init__(self, first: str | None, end: str | None) -> None:
+        self.first, self.end = first, end
+        self.held: State | None = None  # the current job, finished when the next begins
+        self.events = 0
+        self.jobs = 0
+
+    def fold(self, stored: Iterable[ByJob], finished: list[State]) -> None:
+        """Apply a chunk of events; jobs finished by it are appended to `finished`."""
+        steps, decode, created = _STEPS, decode_event, created_state
+        state, jobs, count = self.held, self.jobs, 0
+        last = self.first if state is None else state[ID]
+        for version, seq, payload in stored:
+            count += 1
+            event = decode(payload)
+            if version == 1:
+                job_id = event.job_id
+                if (event.__class__ is not JobCreated or (last is not None and job_id <= last
+                        and not (state is None and job_id == last))
+                        or (self.end is not None and job_id >= self.end)):
+                    raise Irregular(f"seq {seq}: JobCreated of job {job_id} out of order")
+                if state is not None:
+                    finished.append(state)
+                state = created(event, seq)
+                last = job_id
+                jobs += 1
+                continue
+            step = steps.get(event.__class__)
+            if (state is None or step is None or version != state[VERSION] + 1
+                    or seq <= state[SEQ] or event.job_id != state[ID]):
+                raise Irregular(f"seq {seq}: event of job {event.job_id} out of order")
+            step(state, event)
+            state[UPDATED_AT] = event.at
+            state[VERSION] = version
+            state[SEQ] = seq
+        self.held, self.jobs = state, jobs
+        self.events += count
+
+    def finish(self, finished: list[State]) -> None:
+        """The last job is finished too."""
+        if self.held is not None:
+            finished.append(self.held)
+            self.held = None
+
+
 def _inconsistent(event: Any, seq: int, version: int, state: State | None) -> StoreError:
     what, job_id = type(event).__name__, event.job_id
     if event.__class__ is JobCreated:

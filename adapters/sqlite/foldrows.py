@@ -2,12 +2,15 @@
 
 The body is `Job`'s JSON: the state is encoded through `_Body`, a positional, mutable
 struct with `Job`'s own fields (same names, order and types, so the same bytes).
+
+The rebuild's worker processes import this module without the `adapters` package (whose
+`__init__` loads the whole application): it imports only fastfold and the kernel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -32,12 +35,19 @@ from adapters.sqlite.fastfold import (
     WORKFLOW,
     State,
 )
-from adapters.sqlrows import micros
 from kernel import layout
 
 Row = tuple[Any, ...]  # a `jobs` row as sqlite3 parameters, in JOB_COLUMNS order
 _Body = msgspec.defstruct("Job", [(field.name, field.type) for field in FIELDS])
 _encode = msgspec.json.Encoder().encode
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def micros(at: datetime) -> int:
+    """`adapters.sqlrows.micros`, which this module may not import (see above); the property
+    test compares every row with the one `job_row` makes."""
+    return (at - _EPOCH) // _MICROSECOND
 
 
 class RowMaker:
@@ -52,6 +62,15 @@ class RowMaker:
                  state[PRIORITY], state[KEY], micros(state[CREATED_AT]),
                  micros(state[UPDATED_AT]), state[CREATED_SEQ], state[SEQ], state[VERSION],
                  self.body(state).decode())
+                for state in states]
+
+    def rows_with_bytes(self, states: Iterable[State]) -> list[Row]:
+        """The states' rows, the body as UTF-8 bytes (stored with CAST(? AS TEXT))."""
+        body = self.body
+        return [(state[ID], state[WORKFLOW], state[FILE], state[STATUS], state[CHANNEL],
+                 state[PRIORITY], state[KEY], micros(state[CREATED_AT]),
+                 micros(state[UPDATED_AT]), state[CREATED_SEQ], state[SEQ], state[VERSION],
+                 body(state))
                 for state in states]
 
     def body(self, state: State) -> bytes:

@@ -4,12 +4,15 @@
 and makes the rows without `job_row`. These tests run the real rebuild on logs generated
 from the kernel's event classes themselves (every type, every field varied, so a new
 field or event type is generated without touching this file) and compare every row,
-typed and byte for byte, with `job_row` of `kernel.state.replay`.
+typed and byte for byte, with `job_row` of `kernel.state.replay`: on each of its paths
+(job order in this thread or in worker processes, seq order), from an empty table and
+from a table of stale rows.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import sys
 import tempfile
 import typing
 from collections.abc import Iterator
@@ -25,7 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.sqlite import fastfold, rebuild, schema
+from adapters import sqlrows
+from adapters.sqlite import fastfold, rebuild, rebuild_worker, schema
 from adapters.sqlite.rebuild import rebuild_read_model
 from adapters.sqlrows import JOB_COLUMNS, job_row
 from kernel.events import (
@@ -163,15 +167,30 @@ def folded(stored: list[StoredEvent]) -> list[tuple[Any, ...]]:
     return sorted((job_row(job) for job in replay(stored).values()), key=lambda row: row[0])
 
 
-@pytest.fixture(params=[(1, 1), (2, 3), (20_000, 10_000)], ids=["tiny", "small", "default"])
-def batches(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny batches hand finished jobs to the writer early, so later events revive them."""
-    chunk, held = request.param
+def refuse_job_order(conn: sqlite3.Connection, path: Path, keep_rows: bool) -> tuple[int, int]:
+    raise rebuild._SeqOrder("forced by the test")
+
+
+@pytest.fixture(params=["job-order-tiny", "job-order", "seq-tiny", "seq-small", "seq-default"])
+def paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each path of the rebuild, with batches that end inside a job or hold many jobs.
+
+    Job order in this thread (the path of logs under WORKER_EVENTS_MIN events): chunks of
+    one event (a job held across chunks) and frames of one row. Seq order (forced): tiny
+    batches hand finished jobs to the writer early, so later events revive them."""
+    if request.param.startswith("job-order"):
+        if request.param.endswith("tiny"):
+            monkeypatch.setattr(rebuild_worker, "CHUNK_EVENTS", 1)
+            monkeypatch.setattr(rebuild_worker, "FRAME_ROWS", 1)
+        return
+    chunk, held = {"seq-tiny": (1, 1), "seq-small": (2, 3), "seq-default": (20_000, 10_000)}[
+        request.param]
+    monkeypatch.setattr(rebuild, "_rebuild_by_job", refuse_job_order)
     monkeypatch.setattr(rebuild, "CHUNK_EVENTS", chunk)
     monkeypatch.setattr(rebuild, "HELD_JOBS_MIN", held)
 
 
-@pytest.mark.usefixtures("batches")
+@pytest.mark.usefixtures("paths")
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(logs())
@@ -256,7 +275,9 @@ def test_a_failure_in_the_writer_thread_rolls_the_rebuild_back() -> None:
 
 def test_finished_jobs_revived_later_are_read_back_from_the_table(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A job written as failed, then retried by an operator, is read back and folded on."""
+    """In seq order, a job written as failed, then retried by an operator, is read back and
+    folded on."""
+    monkeypatch.setattr(rebuild, "_rebuild_by_job", refuse_job_order)
     monkeypatch.setattr(rebuild, "CHUNK_EVENTS", 1)
     monkeypatch.setattr(rebuild, "HELD_JOBS_MIN", 1)
     loads: list[str] = []
@@ -293,3 +314,145 @@ def test_an_empty_log_empties_the_read_model() -> None:
         report = rebuild_read_model(conn, path)
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
     assert (report.events, report.jobs) == (0, 0)
+
+
+# -- the job-order path against a table that is not empty -------------------------------
+
+COLUMN_VALUES = st.none() | st.integers(-3, 3) | TEXT | st.binary(max_size=4) | st.sampled_from(
+    ["pending", "running", "completed", "wf"])
+
+
+@st.composite
+def stale_tables(draw: st.DrawFn, stored: list[StoredEvent]) -> list[tuple[Any, ...]]:
+    """The rows of the log's fold, some dropped, some with a column changed (any value,
+    of any type), and rows of jobs the log does not have."""
+    rows = []
+    for row in folded(stored):
+        action = draw(st.sampled_from(["keep", "keep", "drop", "change"]))
+        if action == "drop":
+            continue
+        if action == "change":
+            column = draw(st.integers(1, len(row) - 1))
+            row = (*row[:column], draw(COLUMN_VALUES), *row[column + 1:])
+        rows.append(row)
+    for number in range(draw(st.integers(0, 2))):
+        extra = (f"{draw(TEXT)}/extra{number}", *draw(st.sampled_from(folded(stored) or [
+            job_row(replay(stamp([("x", created("x"))]))["x"])]))[1:])
+        rows.append(extra)
+    return rows
+
+
+def fill(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Put rows in the table as they are (a row the table's constraints refuse is left out)."""
+    conn.executemany(f"INSERT OR IGNORE INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                     rows)
+
+
+@pytest.mark.parametrize("chunk", [1, 5_000], ids=["tiny", "default"])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_stale_table_is_made_the_fold_of_the_log(chunk: int, data: st.DataObject,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows missing, rows with any column wrong, rows of no job: the rebuilt table is the
+    kernel's fold all the same (also where a stale row holds a file or key a job takes)."""
+    monkeypatch.setattr(rebuild_worker, "CHUNK_EVENTS", chunk)
+    monkeypatch.setattr(rebuild_worker, "FRAME_ROWS", chunk)
+    stored = data.draw(logs())
+    stale = data.draw(stale_tables(stored))
+    with sqlite_log(stored) as (conn, path):
+        fill(conn, stale)
+        rebuild_read_model(conn, path)
+        rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id").fetchall()
+    assert typed(rows) == typed(folded(stored))
+
+
+def test_a_table_that_is_right_is_not_written() -> None:
+    """Rebuilding a right read model changes no row: no page written, no WAL to checkpoint."""
+    stored = stamp([(f"j{n}", created(f"j{n}", f"{n}.pdf")) for n in range(50)]
+                   + [(f"j{n}", JobStarted(job_id=f"j{n}", at=T0, attempt=1)) for n in range(20)])
+    with sqlite_log(stored) as (conn, path):
+        rebuild_read_model(conn, path)
+        before = conn.total_changes
+        report = rebuild_read_model(conn, path)
+        assert conn.total_changes == before
+        rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id").fetchall()
+    assert (report.events, report.jobs) == (70, 50)
+    assert typed(rows) == typed(folded(stored))
+
+
+def test_a_stale_row_in_the_way_of_a_unique_index_makes_the_table_emptied_first() -> None:
+    """A stale row of a finished job says it still holds the file that a newer job holds:
+    writing the newer job's row alone would break the unique index; the rebuild empties
+    the table and writes every row instead."""
+    stored = stamp([("j1", created("j1")),
+                    ("j1", JobFailed(job_id="j1", at=T0, error_type="E", message="m")),
+                    ("j2", created("j2"))])
+    stale = [job_row(replay(stamp([("j1", created("j1"))]))["j1"])]  # j1 still pending
+    with sqlite_log(stored) as (conn, path):
+        fill(conn, stale)
+        rebuild_read_model(conn, path)
+        rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id").fetchall()
+    assert typed(rows) == typed(folded(stored))
+
+
+# -- worker processes ---------------------------------------------------------------------
+
+@pytest.fixture
+def workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes for any log, three of them."""
+    monkeypatch.setattr(rebuild, "WORKER_EVENTS_MIN", 0)
+    monkeypatch.setattr(rebuild, "WORKERS", 3)
+
+
+@pytest.mark.usefixtures("workers")
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_worker_processes_write_the_rows_of_the_kernel_fold(data: st.DataObject) -> None:
+    """The processes' rows, over ranges of ids, on an empty or a stale table, are the fold's."""
+    stored = data.draw(logs())
+    stale = data.draw(stale_tables(stored))
+    with sqlite_log(stored) as (conn, path):
+        fill(conn, stale)
+        rebuild_read_model(conn, path)
+        rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id").fetchall()
+    assert typed(rows) == typed(folded(stored))
+
+
+@pytest.mark.usefixtures("workers")
+def test_worker_processes_pass_ids_with_a_nul_and_report_a_bad_log() -> None:
+    """Ids are sent whole (a NUL too); a log they cannot fold goes to the seq-order fold,
+    which names the seq."""
+    stored = stamp([(f"j\x00{n}", created(f"j\x00{n}", f"{n}.pdf")) for n in range(30)])
+    assert typed(rebuilt(stored)) == typed(folded(stored))
+    bad = stamp([("j1", created("j1")), ("j1", JobStarted(job_id="j1", at=T0, attempt=1))])
+    bad[1] = msgspec.structs.replace(bad[1], version=3)
+    with sqlite_log(bad) as (conn, path), pytest.raises(StoreError, match=r"seq 2.*version 3"):
+        rebuild_read_model(conn, path)
+
+
+@pytest.mark.usefixtures("workers")
+def test_a_worker_that_fails_leaves_the_rebuild_to_the_seq_order_fold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that exits without its result: the rebuild still writes the fold's rows."""
+    monkeypatch.setattr(rebuild, "worker_command", lambda: [sys.executable, "-c", "pass"])
+    stored = stamp([(f"j{n}", created(f"j{n}", f"{n}.pdf")) for n in range(10)])
+    assert typed(rebuilt(stored)) == typed(folded(stored))
+
+
+def test_events_out_of_seq_order_within_a_job_go_to_the_seq_order_fold() -> None:
+    """A job's version 2 stored before its version 1: the job-order fold would take it, the
+    kernel's does not; the rebuild raises as the kernel's fold does."""
+    stored = stamp([("j1", created("j1")), ("j1", JobStarted(job_id="j1", at=T0, attempt=1))])
+    stored = [msgspec.structs.replace(stored[0], seq=2), msgspec.structs.replace(stored[1], seq=1)]
+    with pytest.raises(ValueError):
+        replay(sorted(stored, key=lambda event: event.seq))
+    with sqlite_log(stored) as (conn, path), pytest.raises(StoreError, match="seq 1"):
+        rebuild_read_model(conn, path)
+
+
+def test_the_worker_reads_the_columns_the_store_writes() -> None:
+    """The worker may not import adapters.sqlrows; its copy of the column list is the same."""
+    assert rebuild_worker.JOB_COLUMNS == sqlrows.JOB_COLUMNS
+    assert len(sqlrows.JOB_COLUMNS.split(",")) == rebuild_worker.WIDTH
