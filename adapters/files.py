@@ -19,7 +19,7 @@ import msgspec
 import structlog
 
 from adapters.context import FileJobContext
-from adapters.fsutil import TEMP_SUFFIX, FileLane, move, write_bytes_atomic
+from adapters.fsutil import TEMP_SUFFIX, Done, FileLane, move, write_bytes_atomic
 from adapters.intake import IntakeChecker
 from kernel import layout
 from kernel.config import WorkflowConfig
@@ -74,6 +74,8 @@ class HotFolders:
         # job id -> the attempt whose claim is durable: the manager moves a file while its
         # claim commits, and the attempt's own claim then has nothing left to do.
         self._claimed: dict[str, int] = {}
+        # Claims on their way: a second claim of the same attempt waits for the first.
+        self._claiming: dict[str, tuple[int, Done]] = {}
 
     def ensure_layout(self, workflow_name: str) -> None:
         """Create the workflow's five folders."""
@@ -186,14 +188,27 @@ class HotFolders:
         when this returns (the lane fsyncs processing/ once for its whole batch).
 
         A second claim of the same attempt returns at once: the first made it durable,
-        and only `settle` moves the file on (it forgets the claim).
+        and only `settle` moves the file on (it forgets the claim). While the first is
+        still on its way, the second waits for it (and tries itself if it failed).
         """
         if self._claimed.get(job.id) == job.attempts:
             return
-        await self._moves.run(lambda dirty: self._claim(job, dirty))
-        self._claimed[job.id] = job.attempts
-        if len(self._claimed) > CLAIMS_REMEMBERED:
-            del self._claimed[next(iter(self._claimed))]  # the oldest
+        pending = self._claiming.get(job.id)
+        if pending is not None and pending[0] == job.attempts:
+            await pending[1].wait()
+            if self._claimed.get(job.id) == job.attempts:
+                return
+        done = Done()
+        self._claiming[job.id] = (job.attempts, done)
+        try:
+            await self._moves.run(lambda dirty: self._claim(job, dirty))
+            self._claimed[job.id] = job.attempts
+            if len(self._claimed) > CLAIMS_REMEMBERED:
+                del self._claimed[next(iter(self._claimed))]  # the oldest
+        finally:
+            if self._claiming.get(job.id, (0, None))[1] is done:
+                del self._claiming[job.id]
+            done.set()
 
     async def settle(self, job: Job) -> None:
         """Move a terminal job's file to archive/ or error/ (idempotent).

@@ -98,9 +98,10 @@ def move(source: str | Path, target: str | Path, *, durable: bool = True,
 LaneCall = Callable[[set[str]], T]
 
 
-class _Done:
-    """Set once, awaited by one task: an asyncio future on asyncio's loop (made in well
-    under a microsecond, where an anyio Event took ~6), an anyio Event elsewhere."""
+class Done:
+    """Set once, awaited by one task (a cancelled wait cancels it): an asyncio future on
+    asyncio's loop (made in well under a microsecond, where an anyio Event took ~6), an
+    anyio Event elsewhere."""
 
     __slots__ = ("_event", "_future")
 
@@ -130,7 +131,7 @@ class _LaneOp(Generic[T]):
     def __init__(self, call: LaneCall[T]) -> None:
         self.call = call
         self.dirty: set[str] = set()
-        self.done = _Done()
+        self.done = Done()
         self.lead = False  # handed the lead: this op's caller runs the next batch
         self.abandoned = False  # its caller was cancelled while waiting: never a leader
         self.result: T | None = None

@@ -439,15 +439,13 @@ class JobManager(IntakeDuties, ClusterDuties):
             elif moving:
                 # One node: the claimed files move while their claims commit, so the
                 # fsync of processing/ runs beside the log's instead of after it
-                # (decision 0005). A claim that fails leaves its pending job's file in
-                # processing/, where every lookup of a pending job's file searches.
-                async with anyio.create_task_group() as tg:
-                    for running in moving:
-                        tg.start_soon(self._move_early, running)
-                    try:
-                        results = await self.store.append_batch(appends)
-                    except StoreError as exc:  # the moves finish all the same
-                        results = [exc] * len(appends)
+                # (decision 0005). Nothing waits for these moves here: the attempt's
+                # own claim returns once its file's move is durable (the file lane runs
+                # its batches in order). A claim that fails leaves its pending job's file
+                # in processing/, where every lookup of a pending job's file searches.
+                for running in moving:
+                    self._tg_start(self._move_early, running)
+                results = await self.store.append_batch(appends)
             else:
                 results = await self.store.append_batch(appends)
         except StoreError as exc:
