@@ -3,12 +3,18 @@
 1. Throughput: node processes (tests/integration/cluster_node.py) whose processor sleeps
    20 ms, each with concurrency 4 and no cluster-wide limit; N jobs appended to the log
    at once, timed until all are completed. 1 node, then 3 nodes, in the same run.
-   Target: 3 nodes >= 2.4x 1 node.
+   Target: 3 nodes >= 2.4x 1 node. Each throughput run also reports the CPU seconds per
+   job of the node processes together and of the PostgreSQL backends serving them (when
+   the server runs on this machine).
 2. Start latency: an idle cluster of 3 nodes (this process is one of them); a job
    submitted to this node, timed from `submit` until its processor starts. Target: p50
    <= 10 ms (procrastinate, woken by LISTEN/NOTIFY: ~5 ms).
 
-    .venv/bin/python -m tests.benchmarks.bench_cluster [--jobs 1500]
+    .venv/bin/python -m tests.benchmarks.bench_cluster [--jobs 1500] [--rounds 1]
+                                                       [--no-latency]
+
+With several rounds, 1 and 3 nodes alternate and the medians (and the median of the
+rounds' own ratios) are reported.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from kernel.ports import Append
 from kernel.task import BaseProcessor, JobContext
 
 SERVER = os.environ.get("MULTIFLOW_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
-NODE = Path(__file__).resolve().parents[1] / "integration" / "cluster_node.py"
+NODE = Path(os.environ.get("MULTIFLOW_BENCH_NODE", "")
+            or Path(__file__).resolve().parents[1] / "integration" / "cluster_node.py")
 
 
 def fresh_database(name: str) -> str:
@@ -61,6 +68,39 @@ def start_nodes(url: str, data_dir: Path, count: int, sleep_ms: float) -> list[A
     return nodes
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of one process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids() -> list[int]:
+    """The PostgreSQL server's processes on this machine (empty if it runs elsewhere)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+async def backends(store: PostgresEventStore) -> list[int]:
+    """The server processes of this store's database."""
+    rows = await store._fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+    return [row[0] for row in rows]
+
+
+def cpu_of(pids: list[int]) -> dict[int, float]:
+    return {pid: cpu_seconds(pid) for pid in pids}
+
+
 def stop_nodes(nodes: list[Any]) -> None:
     for node in nodes:
         node.send_signal(signal.SIGTERM)
@@ -68,7 +108,20 @@ def stop_nodes(nodes: list[Any]) -> None:
         node.wait(60)
 
 
-async def throughput(nodes_count: int, jobs: int) -> float:
+class Run:
+    """One throughput run: jobs/s, and CPU seconds per job of the nodes and the server."""
+
+    def __init__(self, rate: float, nodes_cpu: float, server_cpu: float, jobs: int) -> None:
+        self.rate = rate
+        self.nodes_us = nodes_cpu / jobs * 1e6
+        self.server_us = server_cpu / jobs * 1e6
+
+    def __str__(self) -> str:
+        return (f"{self.rate:,.0f} jobs/s; CPU per job: nodes {self.nodes_us:,.0f} us, "
+                f"PostgreSQL {self.server_us:,.0f} us")
+
+
+async def throughput(nodes_count: int, jobs: int) -> Run:
     url = fresh_database("mf_bench_cluster")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
@@ -84,6 +137,8 @@ async def throughput(nodes_count: int, jobs: int) -> float:
             appends = [Append(f"01BENCH{i:019d}", [JobCreated(
                 job_id=f"01BENCH{i:019d}", at=now, workflow_name="wf",
                 file_path=f"wf/input/{name}")], 0) for i, name in enumerate(names)]
+            node_cpu = cpu_of([n.pid for n in nodes])
+            pg_cpu = cpu_of(server_pids())
             started = time.perf_counter()
             await store.append_batch(appends)
             while True:
@@ -92,10 +147,15 @@ async def throughput(nodes_count: int, jobs: int) -> float:
                     break
                 await anyio.sleep(0.02)
             elapsed = time.perf_counter() - started
+            nodes_cpu = sum(cpu_seconds(pid) - cpu for pid, cpu in node_cpu.items())
+            # This database's backends (other users' work on the server is not ours); one
+            # opened during the run counts whole, one that ended is lost.
+            server_cpu = sum(cpu - pg_cpu.get(pid, 0.0)
+                             for pid, cpu in cpu_of(await backends(store)).items())
         finally:
             stop_nodes(nodes)
             await store.close()
-    return jobs / elapsed
+    return Run(jobs / elapsed, nodes_cpu, server_cpu, jobs)
 
 
 class Stamp(BaseProcessor):
@@ -146,12 +206,27 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=1500)
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--no-latency", action="store_true")
     args = parser.parse_args()
-    one = await throughput(1, args.jobs)
-    print(f"1 node  (concurrency 4, 20 ms jobs): {one:,.0f} jobs/s", flush=True)
-    three = await throughput(3, args.jobs)
-    print(f"3 nodes (concurrency 4 each):        {three:,.0f} jobs/s "
-          f"(ratio {three / one:.2f}x; target >= 2.4x)", flush=True)
+    ones: list[float] = []
+    threes: list[float] = []
+    ratios: list[float] = []
+    for _ in range(args.rounds):
+        one = await throughput(1, args.jobs)
+        print(f"1 node  (concurrency 4, 20 ms jobs): {one}", flush=True)
+        three = await throughput(3, args.jobs)
+        print(f"3 nodes (concurrency 4 each):        {three} "
+              f"(ratio {three.rate / one.rate:.2f}x; target >= 2.4x)", flush=True)
+        ones.append(one.rate)
+        threes.append(three.rate)
+        ratios.append(three.rate / one.rate)
+    if args.rounds > 1:
+        print(f"medians of {args.rounds} rounds: 1 node {statistics.median(ones):,.0f} jobs/s, "
+              f"3 nodes {statistics.median(threes):,.0f} jobs/s, ratio "
+              f"{statistics.median(ratios):.2f}x", flush=True)
+    if args.no_latency:
+        return
     waits = sorted(await start_latency(args.samples))
     print(f"start latency on an idle cluster of 3: p50 {statistics.median(waits) * 1000:.1f} ms, "
           f"p90 {waits[int(len(waits) * 0.9)] * 1000:.1f} ms (target p50 <= 10 ms)")

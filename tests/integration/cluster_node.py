@@ -5,7 +5,8 @@
 
 Registers the workflow `wf`, whose processor sleeps and then writes one output per
 input; writes `DATA_DIR/ready-{pid}` once it runs, and runs until SIGTERM (it drains
-and exits 0) or SIGKILL.
+and exits 0) or SIGKILL. Like `multiflow run`, it logs JSON lines at info level on
+stdout and runs on uvloop when that is installed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from adapters.bootstrap import Kernel  # noqa: E402
+from adapters.logs import configure_logging  # noqa: E402
 from kernel.config import WorkflowConfig  # noqa: E402
 from kernel.task import BaseProcessor, JobContext  # noqa: E402
 
@@ -68,4 +70,12 @@ if __name__ == "__main__":
     parser.add_argument("--lease-s", type=float, default=2.0)
     parser.add_argument("--heartbeat-s", type=float, default=0.3)
     parser.add_argument("--no-output", action="store_true", help="the processor only sleeps")
-    anyio.run(main, parser.parse_args())
+    parser.add_argument("--log-level", default="info")
+    arguments = parser.parse_args()
+    configure_logging(arguments.log_level, "json")
+    try:
+        import uvloop  # noqa: F401
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    anyio.run(main, arguments, backend_options=options)
