@@ -167,8 +167,11 @@ def _run_workers(path: Path, ranges: list[tuple[str | None, str | None]],
             open_streams[0] += 1
             threading.Thread(target=_read_frames, args=(proc.stdout, frames), daemon=True,
                              name="rebuild-reader").start()
-            proc.stdin.write(_encode_request([str(path), first, end, compare]))
-            proc.stdin.close()
+            try:
+                proc.stdin.write(_encode_request([str(path), first, end, compare]))
+                proc.stdin.close()
+            except OSError as exc:  # it ended before reading its request
+                raise _SeqOrder(f"a worker process ended at its start: {exc}") from exc
         events = jobs = done = 0
         while open_streams[0]:
             message = frames.get()
