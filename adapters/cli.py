@@ -98,8 +98,8 @@ def audit_verify(data_dir: Path, store: str | None) -> None:
 @data_dir_option
 @store_option
 def rebuild(data_dir: Path, store: str | None) -> None:
-    """Drop the job read model and replay the log into it (refused while a server runs,
-    or on PostgreSQL while any node's lease is live)."""
+    """Replay the log and make the job read model equal to it (refused while a server
+    runs, or on PostgreSQL while any node's lease is live)."""
 
     async def run() -> Any:
         if is_postgres(store):
