@@ -348,6 +348,14 @@ def fill(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
                      rows)
 
 
+def rebuilt_over(stored: list[StoredEvent], stale: list[Any]) -> list[Any]:
+    """The rows a rebuild of `stored` leaves in a table that held `stale` rows."""
+    with sqlite_log(stored) as (conn, path):
+        fill(conn, stale)
+        rebuild_read_model(conn, path)
+        return conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id").fetchall()
+
+
 @pytest.mark.parametrize("chunk", [1, 5_000], ids=["tiny", "default"])
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -360,11 +368,7 @@ def test_a_stale_table_is_made_the_fold_of_the_log(chunk: int, data: st.DataObje
     monkeypatch.setattr(rebuild_worker, "FRAME_ROWS", chunk)
     stored = data.draw(logs())
     stale = data.draw(stale_tables(stored))
-    with sqlite_log(stored) as (conn, path):
-        fill(conn, stale)
-        rebuild_read_model(conn, path)
-        rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id").fetchall()
-    assert typed(rows) == typed(folded(stored))
+    assert typed(rebuilt_over(stored, stale)) == typed(folded(stored))
 
 
 def test_a_table_that_is_right_is_not_written() -> None:
@@ -389,11 +393,7 @@ def test_a_stale_row_in_the_way_of_a_unique_index_makes_the_table_emptied_first(
                     ("j1", JobFailed(job_id="j1", at=T0, error_type="E", message="m")),
                     ("j2", created("j2"))])
     stale = [job_row(replay(stamp([("j1", created("j1"))]))["j1"])]  # j1 still pending
-    with sqlite_log(stored) as (conn, path):
-        fill(conn, stale)
-        rebuild_read_model(conn, path)
-        rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id").fetchall()
-    assert typed(rows) == typed(folded(stored))
+    assert typed(rebuilt_over(stored, stale)) == typed(folded(stored))
 
 
 # -- worker processes ---------------------------------------------------------------------
@@ -413,11 +413,7 @@ def test_worker_processes_write_the_rows_of_the_kernel_fold(data: st.DataObject)
     """The processes' rows, over ranges of ids, on an empty or a stale table, are the fold's."""
     stored = data.draw(logs())
     stale = data.draw(stale_tables(stored))
-    with sqlite_log(stored) as (conn, path):
-        fill(conn, stale)
-        rebuild_read_model(conn, path)
-        rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id").fetchall()
-    assert typed(rows) == typed(folded(stored))
+    assert typed(rebuilt_over(stored, stale)) == typed(folded(stored))
 
 
 @pytest.mark.usefixtures("workers")
