@@ -440,9 +440,9 @@ class JobManager(IntakeDuties, ClusterDuties):
                 # One node: the claimed files move while their claims commit, so the
                 # fsync of processing/ runs beside the log's instead of after it
                 # (decision 0005). Nothing waits for these moves here: the attempt's
-                # own claim returns once its file's move is durable (the file lane runs
-                # its batches in order). A claim that fails leaves its pending job's file
-                # in processing/, where every lookup of a pending job's file searches.
+                # own claim waits for its file's move to be durable before the processor
+                # runs. A claim that fails leaves its pending job's file in processing/,
+                # where every lookup of a pending job's file searches.
                 for running in moving:
                     self._tg_start(self._move_early, running)
                 results = await self.store.append_batch(appends)
