@@ -180,6 +180,7 @@ class GroupCommitter:
                 self._write_group(item)
             else:
                 self._run_call(item)
+            del item  # not kept while the thread waits: a group holds all its appends
 
     def _write_group(self, group: _Group) -> None:
         try:

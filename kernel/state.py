@@ -70,7 +70,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     retry_at: datetime | None = None
     error: ErrorInfo | None = None
     result: dict[str, Any] | None = None
-    output_paths: list[str] = msgspec.field(default_factory=list)
+    # A tuple: a list per Job (the store, the manager and the observer each hold one)
+    # made three objects per job for the cyclic garbage collector to walk.
+    output_paths: tuple[str, ...] = ()
     duplicates: int = 0  # identical files dropped again and not processed
     worker: str = ""  # the node that made the latest claim (JobStarted.worker)
     version: int = 0  # events applied: the expected_version of the next append
@@ -135,7 +137,7 @@ def _failed(job: Job, event: JobFailed, seq: int) -> Job:
 def _completed(job: Job, event: JobCompleted, seq: int) -> Job:
     return msgspec.structs.replace(
         job, status=Status.COMPLETED, progress=1.0, result=event.result,
-        output_paths=list(event.output_paths), finished_at=event.at, error=None,
+        output_paths=tuple(event.output_paths), finished_at=event.at, error=None,
         current_path=layout.archive_path(job, event.at),
         updated_at=event.at, version=job.version + 1, seq=seq)
 

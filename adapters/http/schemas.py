@@ -57,7 +57,7 @@ class JobOut(msgspec.Struct, frozen=True, kw_only=True):
             status=job.status, attempts=job.attempts, progress=job.progress,
             progress_message=job.progress_message, created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at, retry_at=job.retry_at,
-            error=error, result=job.result, output_paths=job.output_paths,
+            error=error, result=job.result, output_paths=list(job.output_paths),
             duplicates=job.duplicates, version=job.version, seq=job.seq,
         )
 

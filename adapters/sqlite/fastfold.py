@@ -131,7 +131,7 @@ def _completed(state: State, event: JobCompleted) -> None:
     state[STATUS] = _COMPLETED
     state[PROGRESS] = 1.0
     state[RESULT] = event.result
-    state[OUTPUTS] = list(event.output_paths)
+    state[OUTPUTS] = tuple(event.output_paths)
     state[FINISHED_AT] = event.at
     state[ERROR] = None
     state[CURRENT] = event.at

@@ -204,7 +204,7 @@ def assert_completed_job(audit: Audit, name: str) -> None:
     assert archived.read_bytes() == input_bytes(int(name[1:6]))
     output = audit.data_dir / WORKFLOW / "output" / crash_child.output_name(name)
     assert output.read_bytes() == output_bytes(input_bytes(int(name[1:6])))
-    assert job.output_paths == [output.relative_to(audit.data_dir).as_posix()]
+    assert job.output_paths == (output.relative_to(audit.data_dir).as_posix(),)
 
 
 def assert_folders(audit: Audit, completed: list[str], failed: list[str]) -> None:

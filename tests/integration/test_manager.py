@@ -78,7 +78,7 @@ async def test_a_job_runs_and_its_files_land_where_the_lifecycle_says(tmp_path: 
     assert (tmp_path / done.current_path).read_bytes() == b"hello"
     assert done.current_path.startswith(f"upper/archive/{done.finished_at:%Y-%m-%d}/{job.id}--")
     assert (tmp_path / "upper/output/a.txt.out").read_bytes() == b"HELLO"
-    assert done.output_paths == ["upper/output/a.txt.out"]
+    assert done.output_paths == ("upper/output/a.txt.out",)
     assert events == ["JobCreated", "JobStarted", "JobCompleted"]
     assert not list((tmp_path / "upper/input").iterdir())
 
@@ -350,7 +350,7 @@ async def test_a_process_runner_reports_progress_and_outputs(tmp_path: Path) -> 
                     if isinstance(e.event, JobProgress)]
     assert done.status is Status.COMPLETED, done.error
     assert done.result is not None and done.result["pid"] != os.getpid()
-    assert done.output_paths == ["proc/output/from-process.txt"]
+    assert done.output_paths == ("proc/output/from-process.txt",)
     assert any(p.message == "halfway" for p in progress)
 
 

@@ -199,7 +199,7 @@ def assert_folders(data_dir: Path, by_name: dict[str, Job]) -> None:
         if name in good:
             output = data_dir / WORKFLOW / "output" / output_name(name)
             assert output.read_bytes() == output_bytes(input_bytes(index)), f"{name}: torn"
-            assert job.output_paths == [output.relative_to(data_dir).as_posix()]
+            assert job.output_paths == (output.relative_to(data_dir).as_posix(),)
     temporaries = [p for p in data_dir.rglob("*") if p.name.endswith(TEMP_SUFFIX)]
     assert temporaries == []
 

@@ -134,7 +134,7 @@ def test_successful_lifecycle_moves_the_file_input_processing_archive() -> None:
     assert (done.progress, done.result, done.output_paths) == (
         1.0,
         {"pages": 3},
-        ["wf/output/a.txt"],
+        ("wf/output/a.txt",),
     )
     assert done.finished_at == done_at
     assert done.error is None

@@ -55,8 +55,8 @@ async def test_gzip_round_trip_manifest_and_result(tmp_path: Path) -> None:
         "ratio": round(gz.stat().st_size / len(content), 6),
         "sha256": hashlib.sha256(content).hexdigest(), "gz_sha256": gz_sha256,
         "verified": True}
-    assert done.job.output_paths == ["compress/output/data.bin.gz",
-                                     "compress/output/data.bin.gz.sha256"]
+    assert done.job.output_paths == ("compress/output/data.bin.gz",
+                                     "compress/output/data.bin.gz.sha256")
     assert (tmp_path / done.job.current_path).read_bytes() == content
     assert done.job.current_path.startswith("compress/archive/")
     fractions = [e.fraction for e in done.events if isinstance(e, JobProgress)]

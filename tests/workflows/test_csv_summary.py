@@ -106,7 +106,7 @@ async def test_profile_matches_an_independent_computation(tmp_path: Path) -> Non
     assert profiles["code"]["kind"] == "text"  # one word among numbers makes a column text
     assert profiles["blank"] == {"name": "blank", "kind": "empty", "count": 0, "nulls": ROWS,
                                  "distinct": 0, "distinct_exact": True}
-    assert done.job.output_paths == ["csv_summary/output/sales.summary.json"]
+    assert done.job.output_paths == ("csv_summary/output/sales.summary.json",)
     assert done.job.current_path.startswith("csv_summary/archive/")
     assert (tmp_path / done.job.current_path).read_bytes() == encode(header, rows)
     assert done.kinds()[:2] == ["JobCreated", "JobStarted"]
