@@ -77,7 +77,7 @@ def run(config_file: Path | None, **flags: Any) -> None:
     anyio.run(serve, settings, backend_options={"use_uvloop": _uvloop_available()})
 
 
-def _freeze_startup_objects() -> None:
+def freeze_startup_objects() -> None:
     """Keep what start-up made (modules, classes, functions, the app: ~45,000 objects)
     out of the cyclic garbage collector's full passes, which walked all of it each time
     (20-70 ms with every request waiting) though none of it ever becomes garbage."""
@@ -147,7 +147,7 @@ async def _serve(settings: Settings, signals: Any) -> None:
             log.info("started", url=f"http://{settings.host}:{settings.port}",
                      data_dir=settings.data_dir, workflows=sorted(kernel.manager.workflows),
                      problems=state.workflow_problems or None)
-            _freeze_startup_objects()
+            freeze_startup_objects()
             await _until_signal(signals)
             upkeep.cancel()
             await _stop(state, server)

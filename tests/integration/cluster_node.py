@@ -6,7 +6,8 @@
 Registers the workflow `wf`, whose processor sleeps and then writes one output per
 input; writes `DATA_DIR/ready-{pid}` once it runs, and runs until SIGTERM (it drains
 and exits 0) or SIGKILL. Like `multiflow run`, it logs JSON lines at info level on
-stdout and runs on uvloop when that is installed.
+stdout, runs on uvloop when that is installed, and freezes its start-up objects out of
+the garbage collector's passes once it is up.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 from adapters.bootstrap import Kernel  # noqa: E402
 from adapters.logs import configure_logging  # noqa: E402
+from adapters.runner import freeze_startup_objects  # noqa: E402
 from kernel.config import WorkflowConfig  # noqa: E402
 from kernel.task import BaseProcessor, JobContext  # noqa: E402
 
@@ -55,6 +57,7 @@ async def main(args: argparse.Namespace) -> None:
             kernel.register_workflow("wf", SleepThenWrite(args.sleep_ms / 1000, not args.no_output),
                                      config=WorkflowConfig(max_attempts=10, backoff_base_s=0.1))
             await kernel.ready("wf")
+            freeze_startup_objects()  # as `multiflow run` does once it is up
             (data_dir / f"ready-{os.getpid()}").write_text(kernel.manager.worker_name)
             async for _ in signals:
                 break
