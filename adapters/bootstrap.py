@@ -111,10 +111,10 @@ class Kernel:
         scanner_client = ClamdClient(scanner) if scanner is not None else None
         files = HotFolders(root, IntakeChecker(scanner_client))
         metrics = Metrics()
-        observer = Observer(event_store, metrics)
         if isinstance(event_store, SqliteEventStore):
             event_store.commit_observer = metrics.observe_commit
         cluster = event_store if isinstance(event_store, Cluster) else None
+        observer = Observer(event_store, metrics, node=cluster.node_id if cluster else None)
         node_limit = node_concurrency or concurrency
         if node_limit is None:
             raise ValueError("set concurrency or node_concurrency: a node needs a limit")

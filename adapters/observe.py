@@ -37,12 +37,32 @@ log = structlog.get_logger("multiflow.jobs")
 _DEBUG_ONLY = frozenset({JobCreated, JobStarted, JobProgress, JobDuplicateReceived})
 
 
-class Observer:
-    """Tails the log from where it stood at start; keeps per-status job gauges right."""
+class _Silent:
+    """A logger that writes nothing: for lines another node writes."""
 
-    def __init__(self, store: EventStore, metrics: Metrics) -> None:
+    def _nothing(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    debug = info = warning = _nothing
+
+
+_SILENT = _Silent()
+
+
+class Observer:
+    """Tails the log from where it stood at start; keeps per-status job gauges right.
+
+    In a cluster (`node` set) every node follows every event, and a job's lines are
+    written by the node that ran it (its `worker`): once per job for the cluster, and
+    never two processes writing one workflow's log file. Lines of a job no node ran
+    (refused at intake, cancelled while pending) are written by each node. The metrics
+    count every event the node follows.
+    """
+
+    def __init__(self, store: EventStore, metrics: Metrics, node: str | None = None) -> None:
         self.store = store
         self.metrics = metrics
+        self.node = node
         self.last_seq = 0
         self._active: dict[str, Job] = {}
         # Each metric's child per label values: `labels()` costs more than the update.
@@ -122,8 +142,10 @@ class Observer:
             self._child(self.metrics.wait, workflow).observe(_seconds(job.created_at, event.at))
         if event.__class__ in _DEBUG_ONLY and not self._debug_enabled():
             return
-        bound = log.bind(job_id=job.id, workflow_name=workflow, attempt=job.attempts,
-                         seq=stored.seq)
+        bound: Any = _SILENT
+        if self.node is None or job.worker in ("", self.node):
+            bound = log.bind(job_id=job.id, workflow_name=workflow, attempt=job.attempts,
+                             seq=stored.seq)
         match event:
             case JobStarted():
                 bound.debug("job_started", priority=job.priority)
@@ -139,8 +161,7 @@ class Observer:
             case _:
                 bound.debug(event_tag(event).replace(".", "_"))
 
-    def _failed(self, bound: structlog.typing.FilteringBoundLogger, event: JobFailed,
-                job: Job) -> None:
+    def _failed(self, bound: Any, event: JobFailed, job: Job) -> None:
         self._child(self.metrics.failures, job.workflow_name, event.error_type).inc()
         if event.attempt == 0:
             self._child(self.metrics.intake, job.workflow_name, "refused", event.error_type).inc()
@@ -150,7 +171,7 @@ class Observer:
         else:
             self._finished(bound, job)
 
-    def _finished(self, bound: structlog.typing.FilteringBoundLogger, job: Job) -> None:
+    def _finished(self, bound: Any, job: Job) -> None:
         status = str(job.status)
         self._child(self.metrics.finished, job.workflow_name, status).inc()
         duration_s = _seconds(job.started_at, job.finished_at)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,11 @@ from prometheus_client import generate_latest
 
 from adapters import Kernel
 from adapters.logs import configure_logging
+from adapters.memory import MemoryEventStore
+from adapters.metrics import Metrics
+from adapters.observe import Observer
 from kernel.config import WorkflowConfig
+from kernel.events import JobCancelled, JobCompleted, JobCreated, JobStarted
 from kernel.task import BaseProcessor, JobContext
 
 
@@ -107,3 +112,35 @@ async def test_debug_lines_of_each_event_only_at_debug_level(tmp_path: Path, lev
         assert events == ["job_finished"]
     assert 'multiflow_intake_total{outcome="accepted",reason="",workflow="echo"} 1.0' in metrics
     assert 'multiflow_job_wait_seconds_count{workflow="echo"} 1.0' in metrics
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("node", "lines_of"), [
+    ("node-a", {"mine", "never-started"}),
+    (None, {"mine", "other", "never-started"}),
+])
+async def test_in_a_cluster_a_jobs_lines_are_written_by_the_node_that_ran_it(
+    node: str | None, lines_of: set[str]
+) -> None:
+    """Every node follows every event: a node writes the lines of the jobs it ran (and of
+    jobs no node ran), so a cluster writes each job's lines once; one node writes all.
+    The metrics count every event either way."""
+    store = MemoryEventStore()
+    observer = Observer(store, Metrics(), node=node)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    runs = {"mine": "node-a", "other": "node-b", "never-started": None}
+    for job_id, worker in runs.items():
+        events: list[Any] = [JobCreated(job_id=job_id, at=at, workflow_name="w",
+                                        file_path=f"w/input/{job_id}.txt")]
+        if worker is not None:
+            events += [JobStarted(job_id=job_id, at=at, attempt=1, worker=worker),
+                       JobCompleted(job_id=job_id, at=at, attempt=1)]
+        else:
+            events.append(JobCancelled(job_id=job_id, at=at, actor="api"))
+        await store.append(job_id, events, 0)
+    with structlog.testing.capture_logs() as lines:
+        for stored in await store.read_all():
+            await observer.observe(stored)
+    assert {line["job_id"] for line in lines if line["event"] == "job_finished"} == lines_of
+    finished = observer.metrics.finished.labels("w", "completed")._value.get()
+    assert finished == 2
