@@ -97,7 +97,7 @@ class IntakeDuties:
 
     async def _refresh_pending(self: ManagerHost, job_id: str) -> None:
         """A claim lost its race: follow whatever the log now says of the job."""
-        job = await self.store.get_job(job_id)
+        job = await self._fresh_job(job_id)
         if job is None or job.id in self._running:
             return
         if job.status is Status.PENDING:

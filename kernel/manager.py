@@ -129,6 +129,8 @@ class JobManager(IntakeDuties, ClusterDuties):
         if cluster is not None:
             self.worker_name = cluster.node_id
         self._lease_ok = True
+        self._lease_renewed = anyio.Event()  # set while the lease is renewed in time
+        self._lease_renewed.set()
         self._cluster_full_until = 0.0  # a cluster-wide limit was reached: wait for a finish
         self._candidates = 0  # reserved in _running by claims in flight (in a cluster)
         self._offered = 0  # the slots those claims offer
@@ -498,6 +500,14 @@ class JobManager(IntakeDuties, ClusterDuties):
     async def _run_claimed(self, job: Job) -> None:
         attempt = self._running[job.id]
         workflow = self.workflows[job.workflow_name]
+        # Claimed while the lease had lapsed (the claim was on its way when the database
+        # went away): start once it is renewed, unless stopped meanwhile (a shutdown, or
+        # another node that recovered the job: the follower stops the attempt).
+        if not self._lease_ok and attempt.stop_reason is None:
+            with anyio.CancelScope() as scope:
+                attempt.scope = scope  # a stop ends the wait (and the attempt, at once)
+                await self._lease_renewed.wait()
+            attempt.scope = None
         outcome = await run_attempt(attempt, workflow.processor, workflow.config,
                                     self.files, self.executor)
         await self._finish(attempt, workflow.config, outcome)
@@ -508,7 +518,7 @@ class JobManager(IntakeDuties, ClusterDuties):
         job = attempt.job
         if outcome.cancelled:
             self._release(job)
-            await self._settle(await self.store.get_job(job.id))
+            await self._settle(await self._fresh_job(job.id))
             return
         self._release(job)
         conflicts = 0
@@ -534,12 +544,27 @@ class JobManager(IntakeDuties, ClusterDuties):
                 # again (until it works, or shutdown cancels us and recovery takes over).
                 store_failures += 1
                 await anyio.sleep(min(STORE_RETRY_MAX_S, 0.1 * 2**min(store_failures, 6)))
-            fresh = await self.store.get_job(job.id)
+            fresh = await self._fresh_job(job.id)
             if fresh is None or fresh.status is not Status.RUNNING or \
                     fresh.attempts != job.attempts:
                 await self._settle(fresh)  # cancelled meanwhile: its result is fenced off
                 return
             job = attempt.job = fresh
+
+    async def _fresh_job(self, job_id: str) -> Job | None:
+        """The job as the log has it, read again until the store answers.
+
+        A store that is down (or full) here must not end the manager's task group, and
+        with it the node: the reader waits with backoff, as the outcome's commit does
+        (shutdown cancels the wait, and recovery takes over).
+        """
+        failures = 0
+        while True:
+            try:
+                return await self.store.get_job(job_id)
+            except (StoreFull, StoreUnavailable):
+                failures += 1
+                await anyio.sleep(min(STORE_RETRY_MAX_S, 0.1 * 2**min(failures, 6)))
 
     def _outcome_events(self, attempt: Attempt, config: WorkflowConfig, outcome: Outcome
                         ) -> list[Event]:

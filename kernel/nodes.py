@@ -60,14 +60,20 @@ class ClusterDuties:
                 if anyio.current_time() - renewed_s >= self.lease_s - self.heartbeat_s and \
                         self._lease_ok:
                     self._lease_ok = False
+                    self._lease_renewed = anyio.Event()
+                    # Processors stop; a claim still on its way is not stopped (it would
+                    # start stopped and use up an attempt that never ran): if it commits,
+                    # its processor waits until the lease is renewed (`_run_claimed`).
                     for attempt in list(self._running.values()):
-                        attempt.stop("shutdown")
+                        if attempt.job.status is Status.RUNNING:
+                            attempt.stop("shutdown")
                 continue
             renewed_s = started_s
             with contextlib.suppress(StoreError):
                 self._peers = len(await cluster.live_nodes() - {cluster.node_id})
             if not self._lease_ok:
                 self._lease_ok = True
+                self._lease_renewed.set()
                 self._wake()
             try:
                 await self._recover_orphans(cluster)

@@ -36,11 +36,12 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from adapters.ledger import Batch, Ledger
-from adapters.memory import Notifier, page_of
+from adapters.memory import page_of
 from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.postgres import schema
 from adapters.postgres.cluster import Membership
 from adapters.postgres.commit import Committer, Request
+from adapters.postgres.feed import Feed, messages, parse, stored_of
 from adapters.sqlrows import (
     ACTIVE_SQL,
     UPSERT_JOB,
@@ -65,6 +66,24 @@ from kernel.ports import (
 )
 from kernel.state import Job, Status, StoredEvent
 
+# The head, the rows of the jobs appended to, and the running jobs per workflow: one row
+# each, tagged by kind (h, j, c), so that one statement reads what the lock guards.
+_STATE_HEAD_JOBS = (
+    "(SELECT 'h', NULL, hash, seq FROM events ORDER BY seq DESC LIMIT 1) UNION ALL "
+    "SELECT 'j', id, body, NULL FROM jobs WHERE id = ANY(%s)")
+_STATE_SQL = (_STATE_HEAD_JOBS + " UNION ALL SELECT 'c', workflow_name, NULL, count(*) "
+              "FROM jobs WHERE status = 'running' GROUP BY workflow_name")
+_STATE_SQL_UNCOUNTED = _STATE_HEAD_JOBS
+JOB_ROW_TYPES = ("text", "text", "text", "text", "text", "int", "text", "bigint", "bigint",
+                 "bigint", "bigint", "int", "text")  # job_row's columns, in JOB_COLUMNS order
+_WRITE_SQL = (
+    "WITH e AS (INSERT INTO events (seq, job_id, version, type, at, payload, hash, node) "
+    "SELECT s, j, v, t, a, p, h, %s FROM unnest(%s::bigint[], %s::text[], %s::int[], "
+    "%s::text[], %s::text[], %s::text[], %s::text[]) AS r(s, j, v, t, a, p, h)), "
+    "u AS (" + UPSERT_JOB.split(" VALUES ")[0] + " SELECT * FROM unnest(" +
+    ", ".join(f"%s::{t}[]" for t in JOB_ROW_TYPES) + ") " +
+    "ON CONFLICT" + UPSERT_JOB.split("ON CONFLICT", 1)[1] + ") "
+    "SELECT pg_notify(%s, m) FROM unnest(%s::text[]) AS m")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 POLL_S = 0.5  # how often a follower looks for other nodes' events when no NOTIFY came
 StoreResult = list[StoredEvent] | StoreError
@@ -113,8 +132,8 @@ class PostgresEventStore:
         self.conninfo = conninfo
         self.node_id = node_id or default_node_id()
         self.channel = notify_channel(schema_name)
-        self._notifier = Notifier()
-        self._committer = Committer(self._write_group, self._notifier.notify)
+        self._feed = Feed()
+        self._committer = Committer(self._write_group, self._written)
         self._membership = Membership(self.node_id, self._execute, self._fetch)
         self._closed = False
 
@@ -168,6 +187,11 @@ class PostgresEventStore:
         await self._committer.submit(requests)
         return [r.error if r.error is not None else r.result for r in requests]
 
+    def _written(self) -> None:
+        # A live feed gets our own events from the listener, in order with the others'.
+        if not self._feed.live:
+            self._feed.published()
+
     async def _write_group(self, requests: list[Request]) -> None:
         # One pipeline: BEGIN, the lock and every read go out together, then the rows and
         # COMMIT: two round trips and one fsync, however many appends the group holds.
@@ -191,9 +215,12 @@ class PostgresEventStore:
         retried = [r.job_id for r in requests if any(isinstance(e, JobRetried) for e in r.events)]
         keyed = {(e.workflow_name, e.idempotency_key) for e in created
                  if e.idempotency_key is not None}
-        head = await conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
-        jobs = await conn.execute("SELECT body FROM jobs WHERE id = ANY(%s)",
-                                  (list({r.job_id for r in requests}),))
+        # The head, the jobs appended to and (for claims under a limit) the running counts,
+        # in one statement: each statement in the pipeline costs as much as its rows.
+        counted = any(r.limits.running is not None or r.limits.per_workflow for r in claims
+                      if r.limits is not None)
+        state = await conn.execute(_STATE_SQL if counted else _STATE_SQL_UNCOUNTED,
+                                   (list({r.job_id for r in requests}),))
         files = await conn.execute(
             f"SELECT workflow_name, file_path, id FROM jobs WHERE status IN {ACTIVE_SQL} AND ("
             "(workflow_name, file_path) IN (SELECT * FROM unnest(%s::text[], %s::text[])) OR "
@@ -205,33 +232,54 @@ class PostgresEventStore:
             "SELECT workflow_name, idempotency_key, id FROM jobs WHERE (workflow_name, "
             "idempotency_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
             ([w for w, _ in keyed], [k for _, k in keyed])) if keyed else None
-        counts = await conn.execute(
-            "SELECT workflow_name, count(*) FROM jobs WHERE status = 'running' "
-            "GROUP BY workflow_name") if claims else None
 
-        top = await head.fetchone()
+        top: tuple[int, str] | None = None
+        bodies: dict[str, str] = {}
+        running: dict[str, int] = {}
+        for kind, key, value, number in await state.fetchall():
+            if kind == "j":
+                bodies[key] = value
+            elif kind == "h":
+                top = (number, value)
+            else:
+                running[key] = number
         ledger = Ledger(top[0], top[1]) if top else Ledger()
-        known = {job.id: job for job in
-                 (job_decoder.decode(body) for (body,) in await jobs.fetchall())}
+        known: dict[str, Job] = {}
+
+        def load(job_id: str) -> Job | None:  # decoded only when an append needs it
+            job = known.get(job_id)
+            if job is None and job_id in bodies:
+                job = known[job_id] = job_decoder.decode(bodies[job_id])
+            return job
+
         if files is not None:
             ledger.files.update({(r[0], r[1]): r[2] for r in await files.fetchall()})
         owners = {(r[0], r[1]): r[2] for r in await keys.fetchall()} if keys else {}
-        batch = ledger.begin(known.get, lambda wf, key: owners.get((wf, key)))
+        batch = ledger.begin(load, lambda wf, key: owners.get((wf, key)))
         for request in requests:
             if request.limits is None:
                 _stage(batch, request)
-        if counts is not None:
-            running = {r[0]: int(r[1]) for r in await counts.fetchall()}
+        if claims:
             _count_changes(running, known, batch)
             _take_claims(batch, claims, running)
         return batch
 
     async def _insert(self, conn: psycopg.AsyncConnection[Any], batch: Batch) -> None:
-        events = [(r.stored.seq, r.stored.job_id, r.stored.version, r.type_tag,
-                   r.stored.event.at.isoformat(), r.payload.decode(), r.stored.hash,
-                   self.node_id) for r in batch.rows]
-        await write_rows(conn, events, list(batch.jobs.values()))
-        await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self.node_id))
+        rows = batch.rows
+        jobs = [job_row(job) for job in batch.jobs.values()]
+        payloads = [r.payload.decode() for r in rows]
+        # The rows themselves go to every listening node (adapters/postgres/feed.py).
+        notes = messages(self.node_id, [(r.stored.seq, r.stored.job_id, r.stored.version,
+                                         r.stored.hash, payload)
+                                        for r, payload in zip(rows, payloads, strict=True)])
+        # Events, job rows and notifications in one statement.
+        await conn.execute(_WRITE_SQL, (
+            self.node_id, [r.stored.seq for r in rows], [r.stored.job_id for r in rows],
+            [r.stored.version for r in rows], [r.type_tag for r in rows],
+            [r.stored.event.at.isoformat() for r in rows], payloads,
+            [r.stored.hash for r in rows],
+            *([row[i] for row in jobs] for i in range(len(JOB_ROW_TYPES))),
+            self.channel, notes))
 
     # -- reads -----------------------------------------------------------------------
 
@@ -269,7 +317,7 @@ class PostgresEventStore:
 
         The database going away does not end it: it waits, reconnecting with backoff.
         """
-        async for stored in self._notifier.follow(self._read_all_patiently, after, POLL_S):
+        async for stored in self._follow_log(after, others=False):
             yield stored
 
     async def _read_all_patiently(self, after: int, limit: int) -> list[StoredEvent]:
@@ -291,38 +339,104 @@ class PostgresEventStore:
     async def tail_others(self, after: int = 0) -> AsyncIterator[StoredEvent]:
         """Every event after `after` that another node appended, as they are committed
         (waiting out a lost database, like `tail`)."""
+        async for stored in self._follow_log(after, others=True):
+            yield stored
+
+    async def _follow_log(self, after: int, *, others: bool) -> AsyncIterator[StoredEvent]:
+        """The events after `after` (only other nodes' if `others`): from the feed while
+        it holds them, else from the table; polling the table when nothing came for
+        POLL_S, since notifications are not durable."""
+        feed = self._feed
         while True:
-            rows = await self._patiently(
-                self._fetch,
-                "SELECT seq, job_id, version, CASE WHEN node <> %s THEN payload END, hash "
-                "FROM events WHERE seq > %s ORDER BY seq LIMIT 1000", (self.node_id, after))
-            for seq, job_id, version, payload, chain_hash in rows:
+            held = feed.after(after)
+            if held:
+                for stored, node in held:
+                    after = stored.seq
+                    if not others or node != self.node_id:
+                        yield stored
+                continue
+            if held is not None:  # caught up with a live feed: wait for the next events
+                head = feed.head
+                await feed.wait(POLL_S)
+                if not feed.live or feed.head != head:
+                    continue
+            rows = await self._patiently(self._read_rows, after, others)
+            for seq, stored in rows:
                 after = seq
-                if payload is not None:
-                    yield StoredEvent(seq=seq, job_id=job_id, version=version,
-                                      event=decode_event(payload), hash=chain_hash)
-            if len(rows) < 1000:
-                await self._notifier.wait(POLL_S)
+                if stored is not None:
+                    yield stored
+            if len(rows) < 1000 and not feed.live:
+                await feed.wait(POLL_S)
+
+    async def _read_rows(self, after: int, others: bool) -> list[tuple[int, StoredEvent | None]]:
+        """Up to 1000 events after `after`, with their seqs; with `others`, None for this
+        node's own (not even decoded)."""
+        if not others:
+            return [(stored.seq, stored) for stored in await self.read_all(after, 1000)]
+        rows = await self._fetch(
+            "SELECT seq, job_id, version, CASE WHEN node <> %s THEN payload END, hash "
+            "FROM events WHERE seq > %s ORDER BY seq LIMIT 1000", (self.node_id, after))
+        return [(seq, None if payload is None else StoredEvent(
+                    seq=seq, job_id=job_id, version=version, event=decode_event(payload),
+                    hash=chain_hash)) for seq, job_id, version, payload, chain_hash in rows]
 
     async def listen(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                      ) -> None:
-        """Wake the followers when another node commits (LISTEN), reconnecting with backoff;
-        polling covers the gaps, since notifications are not durable."""
+        """Receive every node's commits (LISTEN) into this node's feed, reconnecting with
+        backoff; while it is away, the tailers read the table."""
         task_status.started()
         failures = 0
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
                 async with conn:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                    failures = 0
-                    self._notifier.notify()  # catch up on what came while we were away
-                    async for note in conn.notifies():
-                        if note.payload != self.node_id:
-                            self._notifier.notify()
-            except psycopg.Error:
+                    try:
+                        await conn.execute(sql.SQL("LISTEN {}").format(
+                            sql.Identifier(self.channel)))
+                        # Whatever commits from here on is notified: the feed starts at the
+                        # head.
+                        self._feed.start(await self.last_seq())
+                        failures = 0
+                        # Closed here, not by the garbage collector: the generator holds the
+                        # connection's lock, which closing the connection needs.
+                        async with contextlib.aclosing(conn.notifies()) as notes:
+                            async for note in notes:
+                                await self._take(note.payload)
+                    finally:
+                        self._feed.stop()  # at once: the tailers read the table meanwhile
+            except (psycopg.Error, StoreError):
                 failures += 1
                 await anyio.sleep(min(5.0, 0.1 * 2**min(failures, 6)))
+
+    async def _take(self, payload: str) -> None:
+        """Put one notification's events into the feed, reading from the table whatever
+        it does not carry (a group too large, a gap, a message of another version)."""
+        feed = self._feed
+        message = parse(payload)
+        if message is None:
+            await self._fill(None)
+        elif message.rows is None:
+            await self._fill(message.last)
+        else:
+            if message.first > feed.head + 1:
+                await self._fill(message.first - 1)
+            for row in message.rows:
+                if row[0] > feed.head:
+                    feed.add(stored_of(row), message.node)
+        feed.published()
+
+    async def _fill(self, until: int | None) -> None:
+        """Read the events after the feed's head (up to `until`) from the table into it."""
+        feed = self._feed
+        while until is None or feed.head < until:
+            rows = await self._fetch(
+                "SELECT seq, job_id, version, hash, payload, node FROM events WHERE seq > %s "
+                "AND seq <= %s ORDER BY seq LIMIT 1000",
+                (feed.head, until if until is not None else 2**62))
+            for seq, job_id, version, chain_hash, payload, node in rows:
+                feed.add(stored_of((seq, job_id, version, chain_hash, payload)), node)
+            if len(rows) < 1000:
+                return
 
     # -- several nodes (see adapters/postgres/cluster.py) ------------------------------
 

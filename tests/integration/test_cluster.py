@@ -211,6 +211,46 @@ async def test_a_node_that_cannot_renew_its_lease_stops_its_jobs(schema: str, tm
         assert not lonely.manager.claiming or not lonely.manager._lease_ok
 
 
+async def test_a_claim_on_its_way_when_the_lease_lapses_runs_once_it_is_renewed(
+        schema: str, tmp_path: Path) -> None:
+    """The database goes away while a claim commits, for longer than the lease: the claim
+    goes through once it is back. The job must not fail as interrupted without having
+    run (it used to: the lapse stopped the attempt before it started); its processor
+    starts once the lease is renewed."""
+    (name,) = inputs(tmp_path, 1)
+    ran: list[str] = []
+    async with node(schema, tmp_path, Sleep(0.02, ran), lease_s=1.0, heartbeat_s=0.2) as here:
+        store: Any = here.store
+        manager = here.manager
+        renew, claim = store.heartbeat, store.append_claims
+        down = [False]
+
+        async def heartbeat(lease_s: float) -> bool:
+            if down[0]:
+                raise StoreUnavailable("PostgreSQL at test is unreachable")
+            return bool(await renew(lease_s))
+
+        async def append_claims(*args: Any) -> Any:
+            down[0] = True  # the database goes away with the claim on its way
+            with anyio.fail_after(5):
+                while manager._lease_ok:  # noqa: ASYNC110 (the manager's own flag)
+                    await anyio.sleep(0.02)
+            return await claim(*args)
+
+        store.heartbeat, store.append_claims = heartbeat, append_claims
+        job = await here.submit("wf", name)
+        await until_running(here, job.id)  # the claim committed, the lease lapsed
+        await anyio.sleep(0.3)
+        assert ran == [], "the processor started while the lease had lapsed"
+        store.append_claims = claim
+        down[0] = False
+        with anyio.fail_after(10):
+            done = await here.wait(job.id)
+    assert done.status is Status.COMPLETED and done.attempts == 1
+    assert ran == [job.id]
+    assert not [s for s in await _events(schema, job.id) if isinstance(s.event, JobFailed)]
+
+
 async def test_an_old_event_read_late_does_not_stop_a_newer_attempt(schema: str, tmp_path: Path
                                                                    ) -> None:
     """The follower may lag: a JobFailed of the previous attempt, read after this node

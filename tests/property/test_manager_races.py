@@ -317,6 +317,64 @@ async def test_an_outcome_is_recorded_after_a_store_outage_of_a_few_seconds() ->
         assert job.status is Status.COMPLETED
 
 
+def reads_fail_while(world: World, down: list[bool]) -> None:
+    """The store's job reads fail while `down[0]`, as they do when PostgreSQL goes away."""
+    read = world.store.inner.get_job
+
+    async def get_job(job_id: str) -> Job | None:
+        await anyio.lowlevel.checkpoint()
+        if down[0]:
+            raise StoreUnavailable("test: down")
+        return await read(job_id)
+
+    world.store.get_job = get_job  # type: ignore[method-assign]
+
+
+@pytest.mark.anyio
+async def test_an_outcome_waits_out_an_outage_that_fails_the_reads_too() -> None:
+    """PostgreSQL going away fails the outcome's commit and the re-read of the job after
+    it: the manager waits for the store (it used to crash, and the node with it), then
+    records the outcome once."""
+    world = World()
+    down = [False]
+
+    async def outage(appends: Sequence[Append]) -> list[StoreError] | None:
+        return [StoreUnavailable("test: down") for _ in appends] if down[0] else None
+
+    world.store.hook = outage
+    reads_fail_while(world, down)
+    async with running(world, Scripted({1: (1.0, None)})) as manager:
+        job_id = await world.submit()
+        await anyio.sleep(0.5)
+        down[0] = True
+        await anyio.sleep(4.0)
+        down[0] = False
+        job = await finished(manager, job_id, 60)
+        assert job.status is Status.COMPLETED
+        events = await world.store.inner.read_job(job_id)
+        assert sum(type(e.event).__name__ == "JobCompleted" for e in events) == 1
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_attempt_waits_out_an_outage_to_settle() -> None:
+    """The store goes away just as a cancelled processor stops: reading the job back to
+    settle it waits for the store instead of ending the manager."""
+    world = World()
+    down = [False]
+    reads_fail_while(world, down)
+    processor = Scripted({1: (30.0, None)})
+    async with running(world, processor) as manager:
+        job_id = await world.submit()
+        await anyio.sleep(1.0)
+        await manager.cancel(job_id, actor="test")
+        down[0] = True  # before the processor's runner reads the job back
+        await anyio.sleep(3.0)
+        assert processor.stopped == [(job_id, 1)]
+        down[0] = False
+        job = await finished(manager, job_id, 30)
+        assert job.status is Status.CANCELLED
+
+
 @pytest.mark.anyio
 async def test_a_cancel_by_another_node_reaches_the_managers_view() -> None:
     """A running job cancelled straight in the shared log is seen cancelled once it stops."""
