@@ -138,9 +138,13 @@ async def test_in_a_cluster_a_jobs_lines_are_written_by_the_node_that_ran_it(
         else:
             events.append(JobCancelled(job_id=job_id, at=at, actor="api"))
         await store.append(job_id, events, 0)
-    with structlog.testing.capture_logs() as lines:
-        for stored in await store.read_all():
-            await observer.observe(stored)
+    structlog.reset_defaults()  # whatever level an earlier test configured
+    try:
+        with structlog.testing.capture_logs() as lines:
+            for stored in await store.read_all():
+                await observer.observe(stored)
+    finally:
+        structlog.reset_defaults()
     assert {line["job_id"] for line in lines if line["event"] == "job_finished"} == lines_of
     finished = observer.metrics.finished.labels("w", "completed")._value.get()
     assert finished == 2
