@@ -297,16 +297,17 @@ async def test_an_error_message_that_is_not_utf8_still_fails_the_job() -> None:
 # -- jobs left behind ------------------------------------------------------------------
 
 
-@pytest.mark.anyio
-async def test_an_outcome_is_recorded_after_a_store_outage_of_a_few_seconds() -> None:
-    """The store is down for 4 s as a processor finishes; its result is recorded afterwards."""
-    world = World()
-    down = [False]
+def appends_fail_while(world: World, down: list[bool]) -> None:
+    """The store refuses every append as unavailable while `down[0]`."""
 
     async def outage(appends: Sequence[Append]) -> list[StoreError] | None:
         return [StoreUnavailable("test: down") for _ in appends] if down[0] else None
 
     world.store.hook = outage
+
+
+async def outcome_across_outage(world: World, down: list[bool]) -> str:
+    """A 1 s job whose processor finishes during a 4 s outage; its id once it completed."""
     async with running(world, Scripted({1: (1.0, None)})) as manager:
         job_id = await world.submit()
         await anyio.sleep(0.5)
@@ -315,6 +316,16 @@ async def test_an_outcome_is_recorded_after_a_store_outage_of_a_few_seconds() ->
         down[0] = False
         job = await finished(manager, job_id, 60)
         assert job.status is Status.COMPLETED
+    return job_id
+
+
+@pytest.mark.anyio
+async def test_an_outcome_is_recorded_after_a_store_outage_of_a_few_seconds() -> None:
+    """The store is down for 4 s as a processor finishes; its result is recorded afterwards."""
+    world = World()
+    down = [False]
+    appends_fail_while(world, down)
+    await outcome_across_outage(world, down)
 
 
 def reads_fail_while(world: World, down: list[bool]) -> None:
@@ -337,22 +348,11 @@ async def test_an_outcome_waits_out_an_outage_that_fails_the_reads_too() -> None
     records the outcome once."""
     world = World()
     down = [False]
-
-    async def outage(appends: Sequence[Append]) -> list[StoreError] | None:
-        return [StoreUnavailable("test: down") for _ in appends] if down[0] else None
-
-    world.store.hook = outage
+    appends_fail_while(world, down)
     reads_fail_while(world, down)
-    async with running(world, Scripted({1: (1.0, None)})) as manager:
-        job_id = await world.submit()
-        await anyio.sleep(0.5)
-        down[0] = True
-        await anyio.sleep(4.0)
-        down[0] = False
-        job = await finished(manager, job_id, 60)
-        assert job.status is Status.COMPLETED
-        events = await world.store.inner.read_job(job_id)
-        assert sum(type(e.event).__name__ == "JobCompleted" for e in events) == 1
+    job_id = await outcome_across_outage(world, down)
+    events = await world.store.inner.read_job(job_id)
+    assert sum(type(e.event).__name__ == "JobCompleted" for e in events) == 1
 
 
 @pytest.mark.anyio
