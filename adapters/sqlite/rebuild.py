@@ -213,23 +213,29 @@ class _RowStatements:
 
     def __init__(self, conn: sqlite3.Connection, keep_rows: bool) -> None:
         self.conn = conn
-        self.tail = _UPDATE_ALL if keep_rows else ""
-        self.per_statement = max(1, min(
-            ROWS_PER_STATEMENT_MAX,
-            conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _WIDTH))
+        self.sql = functools.partial(_bytes_insert_sql, tail=_UPDATE_ALL if keep_rows else "")
 
     def write(self, kind: int, items: list[Any]) -> None:
         """ROWS: rows given as one flat list, _WIDTH values each; GONE: ids."""
         if kind == GONE:
             self.conn.executemany("DELETE FROM jobs WHERE id = ?", [(id_,) for id_ in items])
             return
-        rows, start = len(items) // _WIDTH, 0
-        while start < rows:
-            # Statements of a few sizes only (powers of two), so sqlite3 keeps them prepared.
-            count = min(self.per_statement, 1 << ((rows - start).bit_length() - 1))
-            self.conn.execute(_bytes_insert_sql(count, self.tail), items if count == rows
-                              else items[start * _WIDTH:(start + count) * _WIDTH])
-            start += count
+        _insert_flat(self.conn, items, self.sql)
+
+
+def _insert_flat(conn: sqlite3.Connection, values: list[Any], sql: Callable[[int], str]
+                 ) -> None:
+    """Insert rows given as one flat list (_WIDTH values a row), `sql(count)` the statement
+    for `count` rows, as few statements as the variable limit allows."""
+    per_statement = max(1, min(ROWS_PER_STATEMENT_MAX,
+                               conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _WIDTH))
+    rows, start = len(values) // _WIDTH, 0
+    while start < rows:
+        # Statements of a few sizes only (powers of two), so sqlite3 keeps them prepared.
+        count = min(per_statement, 1 << ((rows - start).bit_length() - 1))
+        conn.execute(sql(count), values if count == rows
+                     else values[start * _WIDTH:(start + count) * _WIDTH])
+        start += count
 
 
 @functools.cache
@@ -304,15 +310,7 @@ def _written_job(conn: sqlite3.Connection, writer: _RowWriter, job_id: str) -> J
 
 def write_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
     """Insert (or update) rows, as few statements as the variable limit allows."""
-    per_statement = min(ROWS_PER_STATEMENT_MAX,
-                        conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _WIDTH)
-    start = 0
-    while start < len(rows):
-        # Statements of a few sizes only (powers of two), so sqlite3 keeps them prepared.
-        count = min(per_statement, 1 << ((len(rows) - start).bit_length() - 1))
-        conn.execute(_insert_sql(count),
-                     list(itertools.chain.from_iterable(rows[start:start + count])))
-        start += count
+    _insert_flat(conn, list(itertools.chain.from_iterable(rows)), _insert_sql)
 
 
 @functools.cache
