@@ -95,9 +95,18 @@ class IntakeDuties:
         for job in finished:
             await self._settle_file(job)
 
-    async def _refresh_pending(self: ManagerHost, job_id: str) -> None:
-        """A claim lost its race: follow whatever the log now says of the job."""
-        job = await self._fresh_job(job_id)
+    async def _refresh_pending(self: ManagerHost, job_id: str, claimed_version: int) -> None:
+        """A claim lost its race: follow whatever the log now says of the job.
+
+        In a cluster the follower usually has the winner's event already: it dropped the
+        job (started or ended elsewhere) or holds a newer version of it. Only while it
+        still holds the version we claimed at is the log read here.
+        """
+        known = self._jobs.get(job_id)
+        if self.cluster is not None and (known is None or known.version > claimed_version):
+            job = known
+        else:
+            job = await self._fresh_job(job_id)
         if job is None or job.id in self._running:
             return
         if job.status is Status.PENDING:

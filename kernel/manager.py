@@ -488,7 +488,7 @@ class JobManager(IntakeDuties, ClusterDuties):
             if isinstance(result, NotClaimed):
                 self.queue.push(job)
             elif isinstance(result, ConcurrencyConflict):
-                self._tg_start(self._refresh_pending, job.id)
+                self._tg_start(self._refresh_pending, job.id, job.version)
             else:
                 self.queue.push(job)
                 self._block(job.workflow_name, 1.0)  # the store is failing: breathe

@@ -330,3 +330,44 @@ async def _events(schema: str, job_id: str) -> list[StoredEvent]:
         return await store.read_job(job_id)
     finally:
         await store.close()
+
+
+async def test_a_lost_claim_reads_the_log_only_when_the_follower_is_behind(
+        schema: str, tmp_path: Path) -> None:
+    # The follower usually holds the winner's event by the time a claim's conflict comes
+    # back: then the job is not read again (one query per lost race, with 3 nodes racing).
+    async with node(schema, tmp_path, Sleep(0.01)) as here:
+        manager = here.manager
+        await manager.drain(0)  # claims nothing from here on: the queue stays as we set it
+        job = await here.submit("wf", inputs(tmp_path, 1)[0])
+        reads: list[str] = []
+        real_get_job = manager.store.get_job
+
+        async def counted_get_job(job_id: str) -> Any:
+            reads.append(job_id)
+            return await real_get_job(job_id)
+
+        manager.store.get_job = counted_get_job  # type: ignore[method-assign]
+        pending = manager._jobs[job.id]
+        manager.queue.discard(job.id)
+
+        # Started (and ended) elsewhere: the follower dropped the job; nothing to read.
+        del manager._jobs[job.id]
+        await manager._refresh_pending(job.id, pending.version)
+        assert reads == [] and job.id not in manager.queue
+        # Changed elsewhere and pending again (a newer version than we claimed at): queued.
+        manager._jobs[job.id] = pending
+        await manager._refresh_pending(job.id, pending.version - 1)
+        await queued(manager, job.id)  # (through the intake checks: a first attempt)
+        assert reads == []
+        # The follower still holds the version we claimed at: the log is read.
+        manager.queue.discard(job.id)
+        await manager._refresh_pending(job.id, pending.version)
+        await queued(manager, job.id)
+        assert reads == [job.id]
+
+
+async def queued(manager: Any, job_id: str) -> None:
+    with anyio.fail_after(10):
+        while job_id not in manager.queue:  # noqa: ASYNC110 (the manager's own queue)
+            await anyio.sleep(0.01)
