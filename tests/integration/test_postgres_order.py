@@ -10,8 +10,10 @@ import anyio
 import psycopg
 import pytest
 
+from adapters.audit import verify_chain
 from adapters.postgres import PostgresEventStore
 from kernel.events import JobCreated
+from kernel.ports import Append, StoreError
 from tests.integration.pgkit import URL, server_or_skip
 
 pytestmark = pytest.mark.anyio
@@ -103,3 +105,28 @@ async def test_two_stores_racing_on_one_database_make_one_gapless_chain(schema: 
         await two.close()
     assert [e.seq for e in events] == list(range(1, 201))
     assert report.ok and report.checked == 200
+
+
+async def test_a_group_the_server_refuses_leaves_nothing_and_the_log_goes_on(schema: str
+                                                                           ) -> None:
+    """An error inside the append's transaction (here a trigger) rolls the whole group
+    back; the connection goes back clean and the next append works."""
+    store = await PostgresEventStore.open(f"{URL}?schema={schema}", pool_max=1)
+    try:
+        await store.append("j1", [created("j1")], 0)
+        async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as setup:
+            await setup.execute(
+                f'CREATE FUNCTION "{schema}".boom() RETURNS trigger LANGUAGE plpgsql AS '
+                "$$ BEGIN IF NEW.job_id = 'bad' THEN RAISE EXCEPTION 'refused'; END IF; "
+                "RETURN NEW; END $$")
+            await setup.execute(f'CREATE TRIGGER boom BEFORE INSERT ON "{schema}".events '
+                                f'FOR EACH ROW EXECUTE FUNCTION "{schema}".boom()')
+        results = await store.append_batch([Append("ok", [created("ok")], 0),
+                                            Append("bad", [created("bad")], 0)])
+        assert all(isinstance(r, StoreError) for r in results)  # one transaction: both
+        assert await store.get_job("ok") is None and await store.last_seq() == 1
+        stored = await store.append("j2", [created("j2")], 0)  # the same (only) connection
+        assert [s.seq for s in stored] == [2]
+        assert (await verify_chain(store)).ok
+    finally:
+        await store.close()
