@@ -107,7 +107,7 @@ class ClusterDuties:
             try:
                 await self._foreign(stored)
             except StoreError:
-                continue  # its effect reaches us later: a claim conflicts, a poll re-reads
+                continue  # a refusal of the store's own (not an outage: that is waited out)
 
     async def _foreign(self: ManagerHost, stored: StoredEvent) -> None:
         event = stored.event
@@ -132,7 +132,9 @@ class ClusterDuties:
         if known is not None and known.version == stored.version - 1:
             self._follow_job(known, apply(known, stored))
         elif known is not None or isinstance(event, JobFailed | JobRetried):
-            self._follow_job(known, await self.store.get_job(stored.job_id))
+            # Read until the store answers: a pending job skipped here would wait for
+            # nothing on this node (a lost claim of it trusts what the follower holds).
+            self._follow_job(known, await self._fresh_job(stored.job_id))
 
     def _follow_job(self: ManagerHost, known: Job | None, job: Job | None) -> None:
         if job is None:
@@ -140,7 +142,7 @@ class ClusterDuties:
         if job.status is Status.PENDING:
             self._jobs[job.id] = job
             if job.id in self._running:
-                return  # being claimed here: the claim conflicts and re-reads
+                return  # being claimed here: the claim conflicts and queues this version
             if job.id in self.queue:
                 self.queue.discard(job.id)
                 self.queue.push(job)

@@ -340,6 +340,7 @@ async def test_a_lost_claim_reads_the_log_only_when_the_follower_is_behind(
         manager = here.manager
         await manager.drain(0)  # claims nothing from here on: the queue stays as we set it
         job = await here.submit("wf", inputs(tmp_path, 1)[0])
+        await queued(manager, job.id)  # through its intake: nothing else will queue it
         reads: list[str] = []
         real_get_job = manager.store.get_job
 
@@ -371,3 +372,34 @@ async def queued(manager: Any, job_id: str) -> None:
     with anyio.fail_after(10):
         while job_id not in manager.queue:  # noqa: ASYNC110 (the manager's own queue)
             await anyio.sleep(0.01)
+
+
+async def test_the_follower_waits_out_an_outage_rather_than_lose_a_pending_job(
+        schema: str, tmp_path: Path) -> None:
+    # Another node's JobFailed (with a retry) of a job this node no longer holds makes the
+    # follower read the job; while the store is away that read is retried, not skipped,
+    # or the job would never be queued here again (a lost claim trusts the follower).
+    async with node(schema, tmp_path, Sleep(0.01)) as here:
+        manager = here.manager
+        await manager.drain(0)
+        job = await here.submit("wf", inputs(tmp_path, 1)[0])
+        await queued(manager, job.id)
+        manager.queue.discard(job.id)
+        del manager._jobs[job.id]  # as when the follower saw it start elsewhere
+        real_get_job = manager.store.get_job
+        outage = [StoreUnavailable("the database went away"), StoreUnavailable("still away")]
+
+        async def flaky_get_job(job_id: str) -> Any:
+            if outage:
+                raise outage.pop(0)
+            return await real_get_job(job_id)
+
+        manager.store.get_job = flaky_get_job  # type: ignore[method-assign]
+        now = datetime.now(UTC)
+        failed = StoredEvent(seq=99, job_id=job.id, version=job.version + 2, event=JobFailed(
+            job_id=job.id, at=now, attempt=1, error_type="Interrupted", message="elsewhere",
+            retry_at=now))
+        with anyio.fail_after(10):
+            await manager._foreign(failed)
+        assert outage == []
+        await queued(manager, job.id)

@@ -109,24 +109,34 @@ async def test_two_stores_racing_on_one_database_make_one_gapless_chain(schema: 
 
 async def test_a_group_the_server_refuses_leaves_nothing_and_the_log_goes_on(schema: str
                                                                            ) -> None:
-    """An error inside the append's transaction (here a trigger) rolls the whole group
-    back; the connection goes back clean and the next append works."""
+    """An error inside the append's transaction (a trigger on a row), or at its COMMIT (a
+    deferred one), rolls the whole group back; its connection (the only one) goes on to
+    the next append, which works."""
     store = await PostgresEventStore.open(f"{URL}?schema={schema}", pool_max=1)
     try:
         await store.append("j1", [created("j1")], 0)
         async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as setup:
             await setup.execute(
                 f'CREATE FUNCTION "{schema}".boom() RETURNS trigger LANGUAGE plpgsql AS '
-                "$$ BEGIN IF NEW.job_id = 'bad' THEN RAISE EXCEPTION 'refused'; END IF; "
-                "RETURN NEW; END $$")
+                "$$ BEGIN IF NEW.job_id IN ('bad', 'late') THEN RAISE EXCEPTION 'refused'; "
+                "END IF; RETURN NEW; END $$")
             await setup.execute(f'CREATE TRIGGER boom BEFORE INSERT ON "{schema}".events '
-                                f'FOR EACH ROW EXECUTE FUNCTION "{schema}".boom()')
-        results = await store.append_batch([Append("ok", [created("ok")], 0),
-                                            Append("bad", [created("bad")], 0)])
-        assert all(isinstance(r, StoreError) for r in results)  # one transaction: both
-        assert await store.get_job("ok") is None and await store.last_seq() == 1
-        stored = await store.append("j2", [created("j2")], 0)  # the same (only) connection
-        assert [s.seq for s in stored] == [2]
+                                "FOR EACH ROW WHEN (NEW.job_id = 'bad') "
+                                f'EXECUTE FUNCTION "{schema}".boom()')
+            await setup.execute(f'CREATE CONSTRAINT TRIGGER late AFTER INSERT ON "{schema}".events '
+                                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+                                f"WHEN (NEW.job_id = 'late') EXECUTE FUNCTION \"{schema}\".boom()")
+        seq = 1
+        for refused in ("bad", "late"):
+            beside = f"ok-{refused}"
+            results = await store.append_batch([Append(beside, [created(beside)], 0),
+                                                Append(refused, [created(refused)], 0)])
+            assert all(isinstance(r, StoreError) for r in results)  # one transaction: both
+            assert await store.get_job(beside) is None
+            assert await store.last_seq() == seq
+            stored = await store.append(f"j-{refused}", [created(f"j-{refused}")], 0)
+            seq += 1
+            assert [s.seq for s in stored] == [seq]
         assert (await verify_chain(store)).ok
     finally:
         await store.close()
