@@ -403,3 +403,49 @@ async def test_the_follower_waits_out_an_outage_rather_than_lose_a_pending_job(
             await manager._foreign(failed)
         assert outage == []
         await queued(manager, job.id)
+
+
+async def test_a_lone_node_moves_files_while_claiming_and_stops_once_it_has_company(
+        schema: str, tmp_path: Path) -> None:
+    """Decision 0005: alone, a node moves a claimed job's file (from input/ only) while
+    the claim commits; with another node alive, a claim it may lose moves nothing."""
+    names = inputs(tmp_path, 4)
+    async with node(schema, tmp_path, Sleep(0.01)) as lone:
+        early: list[str] = []
+        real_claim = lone.manager.files.claim
+
+        async def spying_claim(job: Any, *, from_input_only: bool = False) -> None:
+            if from_input_only:
+                early.append(job.id)
+            await real_claim(job, from_input_only=from_input_only)
+
+        lone.manager.files.claim = spying_claim  # type: ignore[method-assign]
+        first = [(await lone.submit("wf", name)).id for name in names[:2]]
+        with anyio.fail_after(30):
+            for job_id in first:
+                assert (await lone.wait(job_id)).status is Status.COMPLETED
+        assert sorted(early) == sorted(first)
+        async with node(schema, tmp_path, Sleep(0.01)):
+            with anyio.fail_after(30):
+                while not lone.manager._peers:  # noqa: ASYNC110 (the manager's own count)
+                    await anyio.sleep(0.05)
+            early.clear()
+            later = [(await lone.submit("wf", name)).id for name in names[2:]]
+            with anyio.fail_after(30):
+                for job_id in later:
+                    assert (await lone.wait(job_id)).status is Status.COMPLETED
+            assert early == []
+
+
+async def test_a_node_that_sees_another_claim_knows_it_has_company_at_once(
+        schema: str, tmp_path: Path) -> None:
+    """A node counts the live nodes at each heartbeat; a claim by another node seen in
+    between already means company (its claims may be lost: no early moves)."""
+    async with node(schema, tmp_path, Sleep(0.01), heartbeat_s=30.0, lease_s=60.0) as here:
+        manager = here.manager
+        assert manager._peers == 0
+        now = datetime.now(UTC)
+        await manager._foreign(StoredEvent(seq=1, job_id="J-elsewhere", version=2,
+                                           event=JobStarted(job_id="J-elsewhere", at=now,
+                                                            attempt=1, worker="other")))
+        assert manager._peers == 1
