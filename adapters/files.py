@@ -183,7 +183,7 @@ class HotFolders:
             return Refusal("FileMissing", f"{job.file_path} is not there any more")
         return self.intake_checker.check(Path(path), config, processor)
 
-    async def claim(self, job: Job, *, from_input_only: bool = False) -> None:
+    async def claim(self, job: Job) -> None:
         """Move the file of a just-started job into processing/ (idempotent); durable
         when this returns (the lane fsyncs processing/ once for its whole batch).
 
@@ -201,7 +201,7 @@ class HotFolders:
         done = Done()
         self._claiming[job.id] = (job.attempts, done)
         try:
-            await self._moves.run(lambda dirty: self._claim(job, dirty, from_input_only))
+            await self._moves.run(lambda dirty: self._claim(job, dirty))
             self._claimed[job.id] = job.attempts
             if len(self._claimed) > CLAIMS_REMEMBERED:
                 del self._claimed[next(iter(self._claimed))]  # the oldest
@@ -298,12 +298,11 @@ class HotFolders:
             return current
         return next((path for path in self._candidates(job) if os.path.isfile(path)), None)
 
-    def _claim(self, job: Job, dirty: set[str], from_input_only: bool = False) -> None:
+    def _claim(self, job: Job, dirty: set[str]) -> None:
         target = self._path(job.current_path)
         if os.path.exists(target):
             return
-        sources = [self._path(job.file_path)] if from_input_only else self._candidates(job)
-        for source in sources:
+        for source in self._candidates(job):
             if source != target and os.path.isfile(source):
                 # Durable before the processor runs: were this rename lost in a power cut
                 # after the job completed, the file would reappear in input/ as new work.

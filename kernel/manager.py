@@ -416,7 +416,6 @@ class JobManager(IntakeDuties, ClusterDuties):
         at = self.clock.now()
         picked = len(claims)
         moving: list[Job] = []
-
         appends = [Append(job.id, events, job.version) for job, events in first]
         startable: list[Job] = []
         for job in claims:
@@ -431,21 +430,24 @@ class JobManager(IntakeDuties, ClusterDuties):
                 continue
             appends.append(Append(job.id, started, job.version))
             startable.append(job)
-            if self._moves_early(job):
+            if self.cluster is None:
                 moving.append(evolve(job, started[0]))
         claims = startable
-        # The claimed files move while their claims commit, so the fsync of processing/
-        # runs beside the log's instead of after it (decision 0005). Nothing waits for
-        # these moves here: the attempt's own claim waits for its file's move to be
-        # durable before the processor runs. A claim that fails leaves its pending job's
-        # file in processing/, where every lookup of a pending job's file searches.
-        for running in moving:
-            self._tg_start(self._move_early, running)
         try:
             if self.cluster is not None and claims:
                 firsts, taken = await self.cluster.append_claims(
                     appends[: len(first)], appends[len(first):], self._limits(slots))
                 results = firsts + taken
+            elif moving:
+                # One node: the claimed files move while their claims commit, so the
+                # fsync of processing/ runs beside the log's instead of after it
+                # (decision 0005). Nothing waits for these moves here: the attempt's
+                # own claim waits for its file's move to be durable before the processor
+                # runs. A claim that fails leaves its pending job's file in processing/,
+                # where every lookup of a pending job's file searches.
+                for running in moving:
+                    self._tg_start(self._move_early, running)
+                results = await self.store.append_batch(appends)
             else:
                 results = await self.store.append_batch(appends)
         except StoreError as exc:
@@ -466,27 +468,11 @@ class JobManager(IntakeDuties, ClusterDuties):
             self._wake()
         return results[: len(first)]
 
-    def _moves_early(self, job: Job) -> bool:
-        """Whether a job's file moves while its claim commits (decision 0005): on one node
-        always; in a cluster only while no other node was alive at the last heartbeat,
-        and only when no limit will refuse the claim (a refused claim leaves its pending
-        job's file in processing/, which a lone node would do claim after claim)."""
-        if self.cluster is None:
-            return True
-        if self._peers:
-            return False
-        if self.cluster_concurrency is not None and self.cluster_concurrency < self.concurrency:
-            return False
-        workflow = self.workflows.get(job.workflow_name)
-        return workflow is not None and workflow.config.concurrency is None
-
     async def _move_early(self, job: Job) -> None:
         """Move a job being claimed into processing/; the attempt claims it again (a no-op
-        then) and reports a file that cannot be moved. In a cluster only from input/: a
-        node that joined since the last heartbeat may win the claim, or cancel the job
-        and move its file to error/, which must stay there."""
+        then) and reports a file that cannot be moved."""
         with contextlib.suppress(FileMissing, OSError):
-            await self.files.claim(job, from_input_only=self.cluster is not None)
+            await self.files.claim(job)
 
     def _limits(self, slots: int) -> ClaimLimits:
         """A claim's limits: this node's free slots, the cluster's and each workflow's."""

@@ -13,14 +13,7 @@ import anyio
 
 from kernel.config import WorkflowConfig, retry_at
 from kernel.decide import FailJob, Rejected
-from kernel.events import (
-    JobCancelled,
-    JobCompleted,
-    JobCreated,
-    JobFailed,
-    JobRetried,
-    JobStarted,
-)
+from kernel.events import JobCancelled, JobCompleted, JobCreated, JobFailed, JobRetried
 from kernel.host import ManagerHost
 from kernel.ports import Cluster, StoreError
 from kernel.state import Job, Status, StoredEvent, apply
@@ -118,10 +111,6 @@ class ClusterDuties:
 
     async def _foreign(self: ManagerHost, stored: StoredEvent) -> None:
         event = stored.event
-        if not self._peers and isinstance(event, JobStarted):
-            # Another node claims: company since the last heartbeat (which counts them),
-            # so claims may be lost from now on (spare candidates; no early moves).
-            self._peers = 1
         ends = isinstance(event, JobCancelled | JobFailed | JobCompleted)
         if ends:
             self._cluster_full_until = 0.0

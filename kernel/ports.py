@@ -318,13 +318,11 @@ class Files(Protocol):
         """Run the intake checks on a pending job's file; raise ScannerUnavailable to wait."""
         ...
 
-    async def claim(self, job: Job, *, from_input_only: bool = False) -> None:
+    async def claim(self, job: Job) -> None:
         """Move the file of a just-started job to its `current_path` in processing/.
 
         Idempotent; the file may be in input/, processing/ or error/ (an operator retry).
-        Raises FileMissing when it is nowhere. With `from_input_only` (a move made while
-        the claim may still be lost to another node) only input/ is looked at: a file
-        that another node moved to error/ meanwhile stays there.
+        Raises FileMissing when it is nowhere.
         """
         ...
 

@@ -16,7 +16,6 @@ from adapters import Kernel
 from adapters.files import ERROR_SUFFIX
 from kernel.config import WorkflowConfig
 from kernel.events import JobCancelled, JobCreated, JobStarted
-from kernel.ports import FileMissing
 from kernel.state import Status, evolve
 from kernel.task import BaseProcessor, JobContext, JobError
 
@@ -104,10 +103,9 @@ async def test_a_jobs_file_is_claimed_from_the_disk_once_per_attempt(
     passes: list[str] = []
     real_claim = adapters.files.HotFolders._claim
 
-    def counting_claim(self: adapters.files.HotFolders, job: Any, dirty: set[str],
-                       from_input_only: bool = False) -> None:
+    def counting_claim(self: adapters.files.HotFolders, job: Any, dirty: set[str]) -> None:
         passes.append(job.id)
-        real_claim(self, job, dirty, from_input_only)
+        real_claim(self, job, dirty)
 
     monkeypatch.setattr(adapters.files.HotFolders, "_claim", counting_claim)
     steps = Steps(monkeypatch)
@@ -130,31 +128,3 @@ async def test_a_settled_job_is_claimed_from_the_disk_again(tmp_path: Path) -> N
     assert (tmp_path / "moves/error/J1--a.txt").exists()
     await files.claim(running)
     assert (tmp_path / "moves/processing/J1--a.txt").exists()
-
-
-async def test_a_claim_made_before_it_is_won_moves_only_from_input(tmp_path: Path) -> None:
-    """A lone cluster node moves a file while its claim commits; should another node have
-    cancelled the job meanwhile (its file in error/ beside its report), that move leaves
-    it there, where a full claim (an operator's retry) would bring it back."""
-    files = adapters.files.HotFolders(tmp_path)
-    files.ensure_layout("moves")
-    (tmp_path / "moves/input/a.txt").write_bytes(b"a")
-    now = datetime.now(UTC)
-    created = evolve(None, JobCreated(job_id="J1", at=now, workflow_name="moves",
-                                      file_path="moves/input/a.txt"))
-    running = evolve(created, JobStarted(job_id="J1", at=now, attempt=1))
-    await files.settle(evolve(created, JobCancelled(job_id="J1", at=now, actor="elsewhere")))
-    assert (tmp_path / "moves/error/J1--a.txt").exists()
-    with pytest.raises(FileMissing):
-        await files.claim(running, from_input_only=True)
-    assert (tmp_path / "moves/error/J1--a.txt").exists()
-    assert not (tmp_path / "moves/processing/J1--a.txt").exists()
-    await files.claim(running)  # the attempt's own claim: it looks everywhere
-    assert (tmp_path / "moves/processing/J1--a.txt").exists()
-    # From input/, the early move is the claim: the attempt's own claim has nothing to do.
-    (tmp_path / "moves/input/b.txt").write_bytes(b"b")
-    created_b = evolve(None, JobCreated(job_id="J2", at=now, workflow_name="moves",
-                                        file_path="moves/input/b.txt"))
-    running_b = evolve(created_b, JobStarted(job_id="J2", at=now, attempt=1))
-    await files.claim(running_b, from_input_only=True)
-    assert (tmp_path / "moves/processing/J2--b.txt").exists()

@@ -232,10 +232,8 @@ async def test_the_power_cut_oracle_sees_a_claim_that_was_not_made_durable(
     file back in input/ (new work after a power cut): the oracle above catches it."""
     real_claim = HotFolders._claim
 
-    def claim_without_fsync(self: HotFolders, job: Job, dirty: set[str],
-                            from_input_only: bool = False) -> None:
-        # The folder it dirtied is never handed to the lane.
-        real_claim(self, job, set(), from_input_only)
+    def claim_without_fsync(self: HotFolders, job: Job, dirty: set[str]) -> None:
+        real_claim(self, job, set())  # the folder it dirtied is never handed to the lane
 
     monkeypatch.setattr(HotFolders, "_claim", claim_without_fsync)
     journal = await cut_everywhere(tmp_path, monkeypatch)

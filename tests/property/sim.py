@@ -262,7 +262,7 @@ class SimFiles:
             return Refusal(self.rng.choice(REFUSALS), "sim: refused at intake")
         return None
 
-    async def claim(self, job: Job, *, from_input_only: bool = False) -> None:
+    async def claim(self, job: Job) -> None:
         await anyio.lowlevel.checkpoint()  # a thread hop in the real adapter
         if job.status is not Status.RUNNING:
             self.odd.append(f"claim of {job.id} while {job.status}")
@@ -273,7 +273,7 @@ class SimFiles:
         target = job.current_path
         if target in self.disk:
             return
-        for source in [job.file_path] if from_input_only else candidates(job):
+        for source in candidates(job):
             if source != target and source in self.disk:
                 self.disk[target] = self.disk.pop(source)
                 self.reports.pop(source + ERROR_SUFFIX, None)
