@@ -438,7 +438,7 @@ class JobManager(IntakeDuties, ClusterDuties):
                 firsts, taken = await self.cluster.append_claims(
                     appends[: len(first)], appends[len(first):], self._limits(slots))
                 results = firsts + taken
-            elif moving:
+            else:
                 # One node: the claimed files move while their claims commit, so the
                 # fsync of processing/ runs beside the log's instead of after it
                 # (decision 0005). Nothing waits for these moves here: the attempt's
@@ -447,8 +447,6 @@ class JobManager(IntakeDuties, ClusterDuties):
                 # where every lookup of a pending job's file searches.
                 for running in moving:
                     self._tg_start(self._move_early, running)
-                results = await self.store.append_batch(appends)
-            else:
                 results = await self.store.append_batch(appends)
         except StoreError as exc:
             results = [exc] * len(appends)

@@ -384,9 +384,7 @@ class PostgresEventStore:
         rows = await self._fetch(
             "SELECT seq, job_id, version, CASE WHEN node <> %s THEN payload END, hash "
             "FROM events WHERE seq > %s ORDER BY seq LIMIT 1000", (self.node_id, after))
-        return [(seq, None if payload is None else StoredEvent(
-                    seq=seq, job_id=job_id, version=version, event=decode_event(payload),
-                    hash=chain_hash)) for seq, job_id, version, payload, chain_hash in rows]
+        return [(row[0], None if row[3] is None else _stored_row(row)) for row in rows]
 
     async def listen(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                      ) -> None:
@@ -700,8 +698,12 @@ def _take_claims(batch: Batch, claims: list[Request], running: dict[str, int]) -
 
 
 def _stored(rows: list[Any]) -> list[StoredEvent]:
-    return [StoredEvent(seq=r[0], job_id=r[1], version=r[2], event=decode_event(r[3]),
-                        hash=r[4]) for r in rows]
+    return [_stored_row(r) for r in rows]
+
+
+def _stored_row(r: Any) -> StoredEvent:
+    """One row of (seq, job_id, version, payload, hash) as a StoredEvent."""
+    return StoredEvent(seq=r[0], job_id=r[1], version=r[2], event=decode_event(r[3]), hash=r[4])
 
 
 def _one(rows: list[Any]) -> Job | None:
