@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import anyio
 import msgspec
 
+from adapters.memory import Notifier
 from kernel.events import decode_event
 from kernel.state import StoredEvent
 
@@ -91,7 +91,7 @@ class Feed:
         self.base = 0  # events with seq > base and <= head are held
         self.head = 0
         self._events: list[tuple[StoredEvent, str]] = []
-        self._arrived = anyio.Event()
+        self._arrived = Notifier()
 
     def start(self, head: int) -> None:
         """The listener is connected and the log ends at `head`: hold what comes next."""
@@ -131,13 +131,10 @@ class Feed:
 
     async def wait(self, timeout_s: float) -> None:
         """Until events are added or the feed starts or stops, or `timeout_s` passes."""
-        arrived = self._arrived
-        with anyio.move_on_after(timeout_s):
-            await arrived.wait()
+        await self._arrived.wait(timeout_s)
 
     def _wake(self) -> None:
-        self._arrived.set()
-        self._arrived = anyio.Event()
+        self._arrived.notify()
 
 
 def stored_of(row: Row) -> StoredEvent:
