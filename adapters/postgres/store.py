@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
+import msgspec
 import psycopg
 import psycopg.errors
 from psycopg import sql
@@ -76,16 +77,21 @@ _STATE_SQL = (_STATE_HEAD_JOBS + " UNION ALL SELECT 'c', workflow_name, NULL, co
 _STATE_SQL_UNCOUNTED = _STATE_HEAD_JOBS
 JOB_ROW_TYPES = ("text", "text", "text", "text", "text", "int", "text", "bigint", "bigint",
                  "bigint", "bigint", "int", "text")  # job_row's columns, in JOB_COLUMNS order
-# Parameters go in binary (%b): a text array in text format is escaped by a regex per
-# quote of every JSON payload, which cost the node more CPU than the rest of its commit.
+# A group's rows go as three JSON documents (events, job rows, notifications), unpacked by
+# the server: psycopg dumps an array parameter element by element (~230 us for a group of
+# four events and its job rows, all of it while the log's lock is held), where msgspec
+# encodes the same rows in ~15 us. (Text-format arrays were worse still: a regular
+# expression per quote of every JSON payload.)
 _WRITE_SQL = (
     "WITH e AS (INSERT INTO events (seq, job_id, version, type, at, payload, hash, node) "
-    "SELECT s, j, v, t, a, p, h, %b FROM unnest(%b::bigint[], %b::text[], %b::int[], "
-    "%b::text[], %b::text[], %b::text[], %b::text[]) AS r(s, j, v, t, a, p, h)), "
-    "u AS (" + UPSERT_JOB.split(" VALUES ")[0] + " SELECT * FROM unnest(" +
-    ", ".join(f"%b::{t}[]" for t in JOB_ROW_TYPES) + ") " +
+    "SELECT (r->>0)::bigint, r->>1, (r->>2)::int, r->>3, r->>4, r->>5, r->>6, %s "
+    "FROM jsonb_array_elements(%s::jsonb) AS r), "
+    "u AS (" + UPSERT_JOB.split(" VALUES ")[0] + " SELECT " +
+    ", ".join(f"(r->>{i})::{t}" for i, t in enumerate(JOB_ROW_TYPES)) +
+    " FROM jsonb_array_elements(%s::jsonb) AS r " +
     "ON CONFLICT" + UPSERT_JOB.split("ON CONFLICT", 1)[1] + ") "
-    "SELECT pg_notify(%b, m) FROM unnest(%b::text[]) AS m")
+    "SELECT pg_notify(%s, m) FROM jsonb_array_elements_text(%s::jsonb) AS m")
+_rows_encoder = msgspec.json.Encoder()
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 POLL_S = 0.5  # how often a follower looks for other nodes' events when no NOTIFY came
 StoreResult = list[StoredEvent] | StoreError
@@ -282,12 +288,12 @@ class PostgresEventStore:
                                         for r, payload in zip(rows, payloads, strict=True)])
         # Events, job rows and notifications in one statement.
         await conn.execute(_WRITE_SQL, (
-            self.node_id, [r.stored.seq for r in rows], [r.stored.job_id for r in rows],
-            [r.stored.version for r in rows], [r.type_tag for r in rows],
-            [r.stored.event.at.isoformat() for r in rows], payloads,
-            [r.stored.hash for r in rows],
-            *([row[i] for row in jobs] for i in range(len(JOB_ROW_TYPES))),
-            self.channel, notes))
+            self.node_id,
+            _rows_encoder.encode([(r.stored.seq, r.stored.job_id, r.stored.version, r.type_tag,
+                                   r.stored.event.at.isoformat(), payload, r.stored.hash)
+                                  for r, payload in zip(rows, payloads, strict=True)]).decode(),
+            _rows_encoder.encode(jobs).decode(), self.channel,
+            _rows_encoder.encode(notes).decode()))
 
     # -- reads -----------------------------------------------------------------------
 

@@ -973,6 +973,23 @@ async def test_every_stored_hash_verifies(store: EventStore) -> None:
     assert [s.hash for s in log[-2:]] == [s.hash for s in returned]
 
 
+async def test_any_text_in_an_event_is_stored_byte_for_byte(store: EventStore) -> None:
+    """Quotes, backslashes, control characters, escapes written out, characters outside
+    the BMP and combining marks in an event's fields come back as they went in, in the log
+    and in the job's row, and the chain verifies over them."""
+    text = 'q"uote \\back\\slash \\u0000 \x01\x1f\t\n\r 😀 e\u0301 \u2028 日本 {"x": [1]}'
+    await store.append("T", [created("T", name="t.pdf"), started("T")], 0)
+    stored = await store.append("T", [JobFailed(
+        job_id="T", at=at(3), error_type="ValueError", message=text, traceback=text,
+        attempt=1, retry_at=None)], 2)
+    (event,) = [s.event for s in await store.read_job("T") if isinstance(s.event, JobFailed)]
+    assert event.message == text and event.traceback == text
+    assert stored[0].event == event
+    job = await store.get_job("T")
+    assert job is not None and job.error is not None and job.error.message == text
+    assert_chain(await whole_log(store))
+
+
 async def test_append_after_close_is_unavailable(store: EventStore, opened: OpenStore) -> None:
     """A closed store refuses appends with StoreUnavailable."""
     await create(store, "A")
