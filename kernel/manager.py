@@ -71,7 +71,7 @@ from kernel.state import Job, Status, StoredEvent, apply, evolve
 from kernel.task import BaseProcessor
 
 CONFLICT_RETRIES_MAX = 5
-SPARE_CANDIDATES = 16  # offered beyond the free slots in a cluster, should others be faster
+SPARE_CANDIDATES = 4  # offered beyond the free slots in a cluster, should others be faster
 
 __all__ = ["JobManager", "Submitted", "Workflow"]
 

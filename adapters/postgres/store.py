@@ -685,15 +685,17 @@ def _take_claims(batch: Batch, claims: list[Request], running: dict[str, int]) -
     for request in claims:
         limits = request.limits
         assert limits is not None
-        job = batch.current(request.job_id)
+        if taken.get(id(limits), 0) >= limits.slots:  # its spares, once its slots are taken
+            request.error = NotClaimed(f"job {request.job_id} not claimed: the claim is full")
+            continue
+        job = batch.current(request.job_id)  # (decoded only now)
         actual = job.version if job is not None else 0
         if job is None or actual != request.expected_version:
             request.error = ConcurrencyConflict(request.job_id, request.expected_version, actual)
             continue
         workflow = job.workflow_name
         cap = limits.per_workflow.get(workflow)
-        if taken.get(id(limits), 0) >= limits.slots or \
-                (limits.running is not None and total >= limits.running) or \
+        if (limits.running is not None and total >= limits.running) or \
                 (cap is not None and running.get(workflow, 0) >= cap):
             request.error = NotClaimed(f"job {request.job_id} not claimed: a limit is reached")
             continue

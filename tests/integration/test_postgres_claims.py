@@ -1,0 +1,100 @@
+"""Claims on the shared log (`Cluster.append_claims`): which candidates start, and why not.
+
+A node offers its free slots' candidates and a few spares behind them, should other
+nodes take the first ones meanwhile; the store starts them in order, under its lock,
+while the claim's slots and the cluster's limits allow.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from adapters.postgres import PostgresEventStore
+from kernel.events import JobCreated, JobStarted
+from kernel.ports import Append, ClaimLimits, ConcurrencyConflict, NotClaimed
+from tests.integration.pgkit import URL, server_or_skip
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[PostgresEventStore]:
+    server_or_skip()
+    name = f"mf_claims_{uuid.uuid4().hex[:12]}"
+    opened = await PostgresEventStore.open(f"{URL}?schema={name}")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+        async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def created(job_id: str, workflow: str = "wf") -> JobCreated:
+    return JobCreated(job_id=job_id, at=datetime.now(UTC), workflow_name=workflow,
+                      file_path=f"{workflow}/input/{job_id}")
+
+
+def start(job_id: str, expected_version: int = 1) -> Append:
+    return Append(job_id, [JobStarted(job_id=job_id, at=datetime.now(UTC), attempt=1,
+                                      worker="node")], expected_version)
+
+
+async def pending(store: PostgresEventStore, *job_ids: str, workflow: str = "wf") -> None:
+    await store.append_batch([Append(j, [created(j, workflow)], 0) for j in job_ids])
+
+
+def outcome(result: object) -> str:
+    if isinstance(result, ConcurrencyConflict):
+        return "conflict"
+    if isinstance(result, NotClaimed):
+        return "not claimed"
+    assert isinstance(result, list), result
+    return "started"
+
+
+async def test_spares_start_in_order_only_while_the_claim_has_free_slots(
+        store: PostgresEventStore) -> None:
+    """Candidates another node took are skipped; the next ones fill the slots; the spares
+    left over are not claimed (and stay pending)."""
+    await pending(store, "a", "b", "c", "d", "e")
+    await store.append_batch([start("a")])  # another node was faster
+    _, taken = await store.append_claims(
+        [], [start(j) for j in "abcde"], ClaimLimits(slots=2))
+    assert [outcome(r) for r in taken] == [
+        "conflict", "started", "started", "not claimed", "not claimed"]
+    assert [(await store.get_job(j)).status.value for j in "de"] == ["pending", "pending"]  # type: ignore[union-attr]
+
+
+async def test_each_claim_of_a_group_fills_its_own_slots(store: PostgresEventStore) -> None:
+    """Two claims written together (two slots freed at once) each start up to their own
+    slots, in order, beside an append that is not a claim."""
+    await pending(store, "a", "b", "c", "d", "x")
+    first, second = ClaimLimits(slots=1), ClaimLimits(slots=1)
+    done, taken = await store.append_claims(
+        [start("x")], [start("a"), start("b")], first)
+    assert outcome(done[0]) == "started"
+    assert [outcome(r) for r in taken] == ["started", "not claimed"]
+    _, taken = await store.append_claims([], [start("b"), start("c")], second)
+    assert [outcome(r) for r in taken] == ["started", "not claimed"]
+
+
+async def test_the_cluster_wide_limits_hold_however_many_slots_are_free(
+        store: PostgresEventStore) -> None:
+    """`running` caps the jobs running in the whole cluster and `per_workflow` a workflow's,
+    counting the jobs this very claim starts."""
+    await pending(store, "r1", "a", "b", "c")
+    await pending(store, "p1", "p2", workflow="pdf")
+    await store.append_batch([start("r1")])  # one running already, on some node
+    _, taken = await store.append_claims(
+        [], [start("a"), start("b"), start("c")], ClaimLimits(slots=4, running=2))
+    assert [outcome(r) for r in taken] == ["started", "not claimed", "not claimed"]
+    _, taken = await store.append_claims(
+        [], [start("p1"), start("p2"), start("b")],
+        ClaimLimits(slots=4, per_workflow={"pdf": 1}))
+    assert [outcome(r) for r in taken] == ["started", "not claimed", "started"]
