@@ -45,6 +45,7 @@ from adapters.postgres.commit import Committer, Request
 from adapters.postgres.feed import Feed, messages, parse, stored_of
 from adapters.sqlrows import (
     ACTIVE_SQL,
+    JOB_COLUMNS,
     UPSERT_JOB,
     alert_of,
     dead_letter_of,
@@ -71,7 +72,7 @@ from kernel.state import Job, Status, StoredEvent
 # each, tagged by kind (h, j, c), so that one statement reads what the lock guards.
 _STATE_HEAD_JOBS = (
     "(SELECT 'h', NULL, hash, seq FROM events ORDER BY seq DESC LIMIT 1) UNION ALL "
-    "SELECT 'j', id, body, NULL FROM jobs WHERE id = ANY(%b)")
+    "SELECT 'j', id, body, version FROM jobs WHERE id = ANY(%b)")
 _STATE_SQL = (_STATE_HEAD_JOBS + " UNION ALL SELECT 'c', workflow_name, NULL, count(*) "
               "FROM jobs WHERE status = 'running' GROUP BY workflow_name")
 _STATE_SQL_UNCOUNTED = _STATE_HEAD_JOBS
@@ -81,16 +82,18 @@ JOB_ROW_TYPES = ("text", "text", "text", "text", "text", "int", "text", "bigint"
 # the server: psycopg dumps an array parameter element by element (~230 us for a group of
 # four events and its job rows, all of it while the log's lock is held), where msgspec
 # encodes the same rows in ~15 us. (Text-format arrays were worse still: a regular
-# expression per quote of every JSON payload.)
+# expression per quote of every JSON payload.) `json`, not `jsonb`: parsed once, with no
+# size limit of its own on a string (a jsonb string stops at 256 MB).
+_EVENT_KEYS = ("s", "j", "v", "t", "a", "p", "h")
+_JOB_KEYS = tuple(JOB_COLUMNS.split(", "))
 _WRITE_SQL = (
     "WITH e AS (INSERT INTO events (seq, job_id, version, type, at, payload, hash, node) "
-    "SELECT (r->>0)::bigint, r->>1, (r->>2)::int, r->>3, r->>4, r->>5, r->>6, %s "
-    "FROM jsonb_array_elements(%s::jsonb) AS r), "
-    "u AS (" + UPSERT_JOB.split(" VALUES ")[0] + " SELECT " +
-    ", ".join(f"(r->>{i})::{t}" for i, t in enumerate(JOB_ROW_TYPES)) +
-    " FROM jsonb_array_elements(%s::jsonb) AS r " +
-    "ON CONFLICT" + UPSERT_JOB.split("ON CONFLICT", 1)[1] + ") "
-    "SELECT pg_notify(%s, m) FROM jsonb_array_elements_text(%s::jsonb) AS m")
+    "SELECT s, j, v, t, a, p, h, %s FROM json_to_recordset(%s::json) AS "
+    "r(s bigint, j text, v int, t text, a text, p text, h text)), "
+    "u AS (" + UPSERT_JOB.split(" VALUES ")[0] + " SELECT * FROM json_to_recordset(%s::json) "
+    "AS r(" + ", ".join(f"{k} {t}" for k, t in zip(_JOB_KEYS, JOB_ROW_TYPES, strict=True)) +
+    ") ON CONFLICT" + UPSERT_JOB.split("ON CONFLICT", 1)[1] + ") "
+    "SELECT pg_notify(%s, m) FROM json_array_elements_text(%s::json) AS m")
 _rows_encoder = msgspec.json.Encoder()
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 POLL_S = 0.5  # how often a follower looks for other nodes' events when no NOTIFY came
@@ -249,10 +252,12 @@ class PostgresEventStore:
 
         top: tuple[int, str] | None = None
         bodies: dict[str, str] = {}
+        versions: dict[str, int] = {}  # of the jobs read: checked before any is decoded
         running: dict[str, int] = {}
         for kind, key, value, number in await state.fetchall():
             if kind == "j":
                 bodies[key] = value
+                versions[key] = number
             elif kind == "h":
                 top = (number, value)
             else:
@@ -275,7 +280,7 @@ class PostgresEventStore:
                 _stage(batch, request)
         if claims:
             _count_changes(running, known, batch)
-            _take_claims(batch, claims, running)
+            _take_claims(batch, claims, running, versions)
         return batch
 
     async def _insert(self, conn: psycopg.AsyncConnection[Any], batch: Batch) -> None:
@@ -289,11 +294,13 @@ class PostgresEventStore:
         # Events, job rows and notifications in one statement.
         await conn.execute(_WRITE_SQL, (
             self.node_id,
-            _rows_encoder.encode([(r.stored.seq, r.stored.job_id, r.stored.version, r.type_tag,
-                                   r.stored.event.at.isoformat(), payload, r.stored.hash)
-                                  for r, payload in zip(rows, payloads, strict=True)]).decode(),
-            _rows_encoder.encode(jobs).decode(), self.channel,
-            _rows_encoder.encode(notes).decode()))
+            _rows_encoder.encode([dict(zip(_EVENT_KEYS, (
+                r.stored.seq, r.stored.job_id, r.stored.version, r.type_tag,
+                r.stored.event.at.isoformat(), payload, r.stored.hash), strict=True))
+                for r, payload in zip(rows, payloads, strict=True)]).decode(),
+            _rows_encoder.encode([dict(zip(_JOB_KEYS, row, strict=True))
+                                  for row in jobs]).decode(),
+            self.channel, _rows_encoder.encode(notes).decode()))
 
     # -- reads -----------------------------------------------------------------------
 
@@ -678,21 +685,28 @@ def _count_changes(running: dict[str, int], before: dict[str, Job], batch: Batch
             running[job.workflow_name] = running.get(job.workflow_name, 0) + (1 if now else -1)
 
 
-def _take_claims(batch: Batch, claims: list[Request], running: dict[str, int]) -> None:
-    """Stage the candidates in order while their claim's limits allow (see ClaimLimits)."""
+def _take_claims(batch: Batch, claims: list[Request], running: dict[str, int],
+                 versions: dict[str, int]) -> None:
+    """Stage the candidates in order while their claim's limits allow (see ClaimLimits).
+
+    A candidate whose job moved on (taken elsewhere) is a ConcurrencyConflict, whatever
+    its claim's slots; the spares left once the slots are taken are NotClaimed, their
+    rows never decoded."""
     total = sum(running.values())
     taken: dict[int, int] = {}  # per claim (its limits object): candidates started
     for request in claims:
         limits = request.limits
         assert limits is not None
-        if taken.get(id(limits), 0) >= limits.slots:  # its spares, once its slots are taken
-            request.error = NotClaimed(f"job {request.job_id} not claimed: the claim is full")
-            continue
-        job = batch.current(request.job_id)  # (decoded only now)
-        actual = job.version if job is not None else 0
-        if job is None or actual != request.expected_version:
+        staged = batch.jobs.get(request.job_id)
+        actual = staged.version if staged is not None else versions.get(request.job_id, 0)
+        if actual != request.expected_version or actual == 0:
             request.error = ConcurrencyConflict(request.job_id, request.expected_version, actual)
             continue
+        if taken.get(id(limits), 0) >= limits.slots:
+            request.error = NotClaimed(f"job {request.job_id} not claimed: the claim is full")
+            continue
+        job = batch.current(request.job_id)
+        assert job is not None  # (read with its version above)
         workflow = job.workflow_name
         cap = limits.per_workflow.get(workflow)
         if (limits.running is not None and total >= limits.running) or \

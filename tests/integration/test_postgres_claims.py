@@ -10,7 +10,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
+import anyio
 import psycopg
 import pytest
 
@@ -72,16 +74,40 @@ async def test_spares_start_in_order_only_while_the_claim_has_free_slots(
 
 
 async def test_each_claim_of_a_group_fills_its_own_slots(store: PostgresEventStore) -> None:
-    """Two claims written together (two slots freed at once) each start up to their own
-    slots, in order, beside an append that is not a claim."""
+    """Two claims issued together (two slots freed at once) share one group: each starts
+    up to its own slots, in order, beside an append that is not a claim."""
     await pending(store, "a", "b", "c", "d", "x")
-    first, second = ClaimLimits(slots=1), ClaimLimits(slots=1)
-    done, taken = await store.append_claims(
-        [start("x")], [start("a"), start("b")], first)
-    assert outcome(done[0]) == "started"
-    assert [outcome(r) for r in taken] == ["started", "not claimed"]
-    _, taken = await store.append_claims([], [start("b"), start("c")], second)
-    assert [outcome(r) for r in taken] == ["started", "not claimed"]
+    results: dict[str, Any] = {}
+
+    async def claim(name: str, firsts: list[Append], candidates: list[Append]) -> None:
+        results[name] = await store.append_claims(firsts, candidates, ClaimLimits(slots=1))
+
+    writes: list[int] = []
+    write = store._committer._write
+
+    async def counted(requests: list[Any]) -> None:
+        writes.append(len(requests))
+        await write(requests)
+
+    store._committer._write = counted
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(claim, "one", [start("x")], [start("a"), start("b")])
+        tg.start_soon(claim, "two", [], [start("c"), start("d")])
+    assert writes == [5]  # one group
+    assert outcome(results["one"][0][0]) == "started"
+    assert [outcome(r) for r in results["one"][1]] == ["started", "not claimed"]
+    assert [outcome(r) for r in results["two"][1]] == ["started", "not claimed"]
+
+
+async def test_a_spare_taken_elsewhere_is_a_conflict_even_once_the_claim_is_full(
+        store: PostgresEventStore) -> None:
+    """A spare another node started says so (ConcurrencyConflict: the node re-reads it and
+    drops it from its queue) even after the claim's slots are taken; the spares still
+    pending are merely not claimed."""
+    await pending(store, "a", "b", "c", "d")
+    await store.append_batch([start("d")])  # another node was faster, on a spare
+    _, taken = await store.append_claims([], [start(j) for j in "abcd"], ClaimLimits(slots=1))
+    assert [outcome(r) for r in taken] == ["started", "not claimed", "not claimed", "conflict"]
 
 
 async def test_the_cluster_wide_limits_hold_however_many_slots_are_free(
