@@ -157,6 +157,11 @@ def _create(job: Job | None, command: CreateJob) -> list[Event]:
         raise Rejected("exists", f"job {command.job_id} already exists")
     if not PRIORITY_MIN <= command.priority <= PRIORITY_MAX:
         raise Rejected("invalid", f"priority must be within {PRIORITY_MIN}..{PRIORITY_MAX}")
+    for field, value in (("channel_name", command.channel_name),
+                         ("idempotency_key", command.idempotency_key)):
+        # Kept in the job's row as they are: a NUL, say, no PostgreSQL text column takes.
+        if value is not None and any(ord(c) < 32 or c == "\x7f" for c in value):
+            raise Rejected("invalid", f"{field} must not contain control characters")
     return [
         JobCreated(
             job_id=command.job_id,

@@ -202,6 +202,12 @@ class JobManager(IntakeDuties, ClusterDuties):
             existing = await self.store.get_job(dup.existing_job_id)
             if existing is None:
                 raise
+            if existing.status is Status.PENDING and existing.id not in self._jobs:
+                # Not followed here: made by an earlier submit whose commit landed though
+                # the store reported it failed (its reply lost with the connection), or by
+                # another node just now. Queue it, or it would wait for nothing.
+                self._jobs[existing.id] = existing
+                self._admit(existing)
             return Submitted(existing, False)
         job = self._apply(None, stored)
         self._admit(job)

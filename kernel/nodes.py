@@ -24,11 +24,16 @@ class ClusterDuties:
 
     async def _orphans(self: ManagerHost, running: list[Job]) -> list[Job]:
         """The running jobs nobody runs: on one node, every one this manager does not run;
-        in a cluster, those whose node's lease has expired."""
+        in a cluster, those whose node's lease has expired, and those the log says this
+        node runs while it does not (a claim that committed although the store reported it
+        failed, its reply lost with the connection: the node never started it, and no
+        other node would recover it while this one lives)."""
         if self.cluster is None:
             return [job for job in running if job.id not in self._running]
         live = await self.cluster.live_nodes()
-        return [job for job in running if job.worker not in live and job.id not in self._running]
+        me = self.cluster.node_id
+        return [job for job in running if job.id not in self._running
+                and (job.worker not in live or job.worker == me)]
 
     async def _interrupt(self: ManagerHost, job: Job, config: WorkflowConfig) -> Job:
         at = self.clock.now()

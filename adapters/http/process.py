@@ -55,6 +55,10 @@ async def _upload(request: Request, workflow_name: str) -> Response:
     filename = query.pop("filename", "")
     options = _options(query)
     key = request.headers.get("idempotency-key")
+    if key is not None and (not key or len(key) > 255 or
+                            any(ord(c) < 32 or c == "\x7f" for c in key)):
+        raise ApiError(422, "Idempotency-Key must be 1-255 characters, with no control "
+                       "characters", field="Idempotency-Key")
     if key:
         earlier = await state.kernel.store.find_by_key(workflow_name, key)
         if earlier is not None:

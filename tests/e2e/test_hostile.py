@@ -92,6 +92,27 @@ def test_upload_names_are_one_plain_segment(server: Server, filename: str) -> No
     assert not server.staged_files()
 
 
+@pytest.mark.parametrize(("params", "headers"), [
+    ({"channel_name": "a\x00b"}, {}),
+    ({"channel_name": "line\nbreak"}, {}),
+    ({}, {"Idempotency-Key": "tab\there"}),
+    ({}, {"Idempotency-Key": "k" * 256}),
+])
+def test_upload_options_with_control_characters_are_refused_before_the_file_lands(
+        server: Server, params: dict[str, str], headers: dict[str, str]) -> None:
+    """A channel name or an Idempotency-Key that the job's row cannot keep as given: 422
+    before a byte of the upload lands, so no file is left for the watcher to make a job of."""
+    inbox_before = set(os.listdir(server.input_dir("echo")))
+    with no_new_events(server), server.client() as client:
+        refused = client.post("/api/echo/process",
+                              params={"filename": unique("up") + ".txt", **params},
+                              content=b"payload",
+                              headers={"Content-Type": "application/octet-stream", **headers})
+    assert_refused(refused, 422)
+    assert set(os.listdir(server.input_dir("echo"))) == inbox_before
+    assert not server.staged_files()
+
+
 RAW_TARGETS = [
     ("GET", "/api/jobs/..%2f..%2fetc%2fpasswd"),
     ("GET", "/api/jobs/%2e%2e%2f%2e%2e%2fetc%2fpasswd/events"),
@@ -151,6 +172,10 @@ def test_ten_megabytes_of_json_is_413(server: Server) -> None:
     ("/api/jobs", b'{"workflow_name": "echo", "file_path": "x", "priority": "high"}',
      "application/json", 422),
     ("/api/jobs", b'{"workflow_name": "echo"}', "application/json", 422),
+    ("/api/jobs", b'{"workflow_name": "echo", "file_path": "x", "channel_name": "a\\u0000b"}',
+     "application/json", 422),
+    ("/api/echo/process", b'{"file_path": "x", "channel_name": "tab\\there"}',
+     "application/json", 422),
     ("/api/echo/process", b'{"file_path": "x"', "application/json", 400),
     ("/api/echo/process", b'{"file_path": "x"}', "text/csv", 415),
     ("/api/echo/process", b"[1, 2]", "application/json", 422),

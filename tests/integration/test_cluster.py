@@ -403,3 +403,64 @@ async def test_the_follower_waits_out_an_outage_rather_than_lose_a_pending_job(
             await manager._foreign(failed)
         assert outage == []
         await queued(manager, job.id)
+
+
+async def test_a_claim_that_committed_although_the_store_said_it_failed_is_recovered(
+        schema: str, tmp_path: Path) -> None:
+    """The claim's COMMIT lands, the reply is lost with the connection: the node is told
+    the claim failed and never starts the job, which the log shows running on this live
+    node. Its heartbeat recovers it like a dead node's (Interrupted, then retried), so it
+    does not hold the cluster's only slot (concurrency 1, the default) for ever."""
+    names = inputs(tmp_path, 2)
+    async with node(schema, tmp_path, Sleep(0.01)) as a, \
+            node(schema, tmp_path, Sleep(0.01)) as b:
+        store = a.manager.store
+        real = store._committer._write
+        lost: list[str] = []
+
+        async def reply_lost(requests: list[Any]) -> None:
+            await real(requests)  # committed on the server
+            if not lost and any(r.limits is not None and not r.error for r in requests):
+                lost.extend(r.job_id for r in requests if r.limits is not None and not r.error)
+                for request in requests:
+                    request.result, request.error = [], StoreUnavailable("connection lost")
+
+        store._committer._write = reply_lost
+        first = await a.submit("wf", names[0])
+        second = await b.submit("wf", names[1])
+        with anyio.fail_after(30):
+            done = [await b.wait(job.id) for job in (first, second)]
+        failures = [s.event for s in await log_of(b) if s.job_id == first.id
+                    and isinstance(s.event, JobFailed)]
+    assert lost == [first.id]
+    assert [job.status for job in done] == [Status.COMPLETED, Status.COMPLETED]
+    assert done[0].attempts == 2  # the stranded attempt counts, as any interrupted one
+    assert [f.error_type for f in failures] == ["Interrupted"]
+
+
+async def test_a_submit_that_committed_although_the_store_said_it_failed_runs_when_resent(
+        schema: str, tmp_path: Path) -> None:
+    """The JobCreated lands, the reply is lost: the caller sees an error and submits the
+    file again, which returns the job made the first time (never a second one), and that
+    job runs, although this node never learnt of it (its follower skips its own events)."""
+    (name,) = inputs(tmp_path, 1)
+    async with node(schema, tmp_path, Sleep(0.01)) as a:
+        store = a.manager.store
+        real = store._committer._write
+        lost: list[str] = []
+
+        async def reply_lost(requests: list[Any]) -> None:
+            await real(requests)
+            if not lost:
+                lost.extend(r.job_id for r in requests)
+                for request in requests:
+                    request.result, request.error = [], StoreUnavailable("connection lost")
+
+        store._committer._write = reply_lost
+        with pytest.raises(StoreUnavailable):
+            await a.submit("wf", name)
+        again = await a.submit_file("wf", name)
+        assert not again.created and [again.job.id] == lost
+        with anyio.fail_after(20):
+            done = await a.wait(again.job.id)
+    assert done.status is Status.COMPLETED

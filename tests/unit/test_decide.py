@@ -221,6 +221,24 @@ def test_create_rejects_priorities_out_of_bounds(priority: int) -> None:
     assert excinfo.value.code == "invalid"
 
 
+@pytest.mark.parametrize("field", ["channel_name", "idempotency_key"])
+@pytest.mark.parametrize("value", ["a\x00b", "tab\there", "line\n", "del\x7f"])
+def test_create_rejects_control_characters_in_names_kept_in_the_row(field: str, value: str
+                                                                     ) -> None:
+    """A channel name or idempotency key with a control character (a NUL, which no
+    PostgreSQL text column takes, failing the whole group it was written with) is refused;
+    any other text is kept as given."""
+    command = CreateJob(job_id="j9", at=T0, workflow_name="wf", file_path="wf/input/b",
+                        **{field: value})
+    with pytest.raises(Rejected) as excinfo:
+        decide(None, command)
+    assert excinfo.value.code == "invalid" and field in str(excinfo.value)
+    fine = CreateJob(job_id="j9", at=T0, workflow_name="wf", file_path="wf/input/b",
+                     **{field: "Grüße / 日本 😀 \\ \""})
+    [event] = decide(None, fine)
+    assert getattr(event, field) == "Grüße / 日本 😀 \\ \""
+
+
 def test_start_on_a_pending_job_claims_attempt_one() -> None:
     """StartJob on a fresh pending job yields JobStarted for attempt 1 by the named worker."""
     job = JOBS["pending"]()
