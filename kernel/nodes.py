@@ -128,6 +128,13 @@ class ClusterDuties:
             if ends and not attempt.finishing and stored.version > attempt.job.version:
                 attempt.stop("cancel" if isinstance(event, JobCancelled) else "shutdown")
             return
+        if attempt is not None and ends and stored.version > attempt.job.version + 1:
+            # Being claimed here, and ended elsewhere past the version our claim makes:
+            # had the claim committed (its result not handled yet), its processor would
+            # run a job cancelled or recovered meanwhile. It starts stopped instead, and
+            # `_claimed` follows the log whichever way the claim went.
+            attempt.stop("cancel" if isinstance(event, JobCancelled) else "shutdown")
+            return
         # (A job we are claiming right now: our claim will conflict; follow the log.)
         known = self._jobs.get(stored.job_id)
         if isinstance(event, JobCreated):

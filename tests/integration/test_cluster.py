@@ -464,3 +464,43 @@ async def test_a_submit_that_committed_although_the_store_said_it_failed_runs_wh
         with anyio.fail_after(20):
             done = await a.wait(again.job.id)
     assert done.status is Status.COMPLETED
+
+
+async def test_a_cancel_landing_between_a_claim_and_its_start_stops_the_job(
+        schema: str, tmp_path: Path) -> None:
+    """Another node cancels a job just after this node's claim of it committed, and this
+    node's follower sees the cancel before the claim's result is handled (a busy loop):
+    the processor never runs, and the file ends in error/ with the cancel's report."""
+    (name,) = inputs(tmp_path, 1)
+    ran: list[str] = []
+    async with node(schema, tmp_path, Sleep(3.0, ran)) as a, \
+            node(schema, tmp_path, Sleep(3.0)) as c:
+        await c.manager.drain(0)  # c only cancels
+        real = a.manager.store.append_claims
+        cancelled = anyio.Event()
+        job_ids: list[str] = []
+
+        async def handled_late(appends: Any, candidates: Any, limits: Any) -> Any:
+            result = await real(appends, candidates, limits)
+            if candidates and not cancelled.is_set():
+                await c.cancel(job_ids[0], actor="test", reason="stop it")
+                cancelled.set()
+                await anyio.sleep(0.5)  # a's follower sees the cancel meanwhile
+            return result
+
+        a.manager.store.append_claims = handled_late  # type: ignore[method-assign]
+        job = await c.submit("wf", name)
+        job_ids.append(job.id)
+        with anyio.fail_after(20):
+            await cancelled.wait()
+            done = await c.wait(job.id)
+            await a.wait(job.id)  # its file settled by a, whose claim the log shows
+        await anyio.sleep(3.5)  # as long as the processor would have run
+        log = await log_of(c)
+    assert done.status is Status.CANCELLED
+    assert ran == []
+    assert len(list((tmp_path / "wf" / "error").glob(f"*{name}"))) == 1
+    assert [type(s.event).__name__ for s in log if s.job_id == job.id] == [
+        "JobCreated", "JobStarted", "JobCancelled"]
+    assert not list((tmp_path / "wf" / "input").iterdir())
+    assert not list((tmp_path / "wf" / "processing").iterdir())
