@@ -57,6 +57,7 @@ class ManagerHost(Protocol):
     _running: dict[str, Attempt]
     _intake: deque[str]
     _intake_ready: anyio.Event
+    _unsure_claims: dict[str, float]
     _lease_ok: bool
     _lease_renewed: anyio.Event
     _peers: int

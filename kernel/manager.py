@@ -114,6 +114,9 @@ class JobManager(IntakeDuties, ClusterDuties):
         self._running_by_workflow: dict[str, int] = {}
         self._intake: deque[str] = deque()
         self._intake_ready = anyio.Event()
+        # Claims whose store call failed, which may have committed all the same: job id ->
+        # when (anyio time) the failure was seen (kernel/nodes.py, `_recover_orphans`).
+        self._unsure_claims: dict[str, float] = {}
         self._wakeup = anyio.Event()
         self._waiters: dict[str, anyio.Event] = {}
         self._unsettled: set[str] = set()  # terminal, but the file is still on its way
@@ -496,7 +499,12 @@ class JobManager(IntakeDuties, ClusterDuties):
             else:
                 self.queue.push(job)
                 self._block(job.workflow_name, 1.0)  # the store is failing: breathe
+                if self.cluster is not None:
+                    # It may have committed all the same (the reply lost with the
+                    # connection): the heartbeat recovers it if the log shows it here.
+                    self._unsure_claims[job.id] = anyio.current_time()
             return
+        self._unsure_claims.pop(job.id, None)
         running = self._apply(job, result)
         self._running[job.id].job = running
         self._tg_start(self._run_claimed, running)

@@ -24,16 +24,17 @@ class ClusterDuties:
 
     async def _orphans(self: ManagerHost, running: list[Job]) -> list[Job]:
         """The running jobs nobody runs: on one node, every one this manager does not run;
-        in a cluster, those whose node's lease has expired, and those the log says this
-        node runs while it does not (a claim that committed although the store reported it
-        failed, its reply lost with the connection: the node never started it, and no
-        other node would recover it while this one lives)."""
+        in a cluster, those whose node's lease has expired, and this node's own claims
+        whose outcome it never learnt (`_unsure_claims`) that the log shows running here:
+        committed although the store reported a failure, the reply lost with the
+        connection. The node never started them, and no other node would recover them
+        while this one lives."""
         if self.cluster is None:
             return [job for job in running if job.id not in self._running]
         live = await self.cluster.live_nodes()
         me = self.cluster.node_id
-        return [job for job in running if job.id not in self._running
-                and (job.worker not in live or job.worker == me)]
+        return [job for job in running if job.id not in self._running and (
+            job.worker not in live or (job.worker == me and job.id in self._unsure_claims))]
 
     async def _interrupt(self: ManagerHost, job: Job, config: WorkflowConfig) -> Job:
         at = self.clock.now()
@@ -86,7 +87,9 @@ class ClusterDuties:
                 continue  # the next beat tries again
 
     async def _recover_orphans(self: ManagerHost, cluster: Cluster) -> None:
-        for job in await self._orphans(await cluster.running_jobs()):
+        read_s = anyio.current_time()
+        running = await cluster.running_jobs()
+        for job in await self._orphans(running):
             workflow = self.workflows.get(job.workflow_name)
             if workflow is None:
                 continue  # a node that has the workflow recovers it
@@ -94,7 +97,19 @@ class ClusterDuties:
                 interrupted = await self._interrupt(job, workflow.config)
             except Rejected:
                 continue  # another node was first
+            self._unsure_claims.pop(job.id, None)
             await self._settle(interrupted)
+        # An unsure claim the log does not show running here, read after the claim failed,
+        # did not commit, or has ended since: cancelled by another node, which left its
+        # file to this one (the log's runner of it) to move.
+        mine = {job.id for job in running if job.worker == cluster.node_id}
+        for job_id, failed_s in list(self._unsure_claims.items()):
+            if failed_s < read_s and job_id not in mine:
+                del self._unsure_claims[job_id]
+                ended = await self.store.get_job(job_id)
+                if ended is not None and not ended.is_active and \
+                        ended.worker == cluster.node_id and ended.workflow_name in self.workflows:
+                    await self._settle_file(ended)
         for node in await cluster.dead_nodes():
             # A node that died between a terminal event and its file's move: finish the
             # move for it (settling is idempotent), then forget the node.
@@ -131,10 +146,9 @@ class ClusterDuties:
         if attempt is not None and ends and stored.version > attempt.job.version + 1:
             # Being claimed here, and ended elsewhere past the version our claim makes:
             # had the claim committed (its result not handled yet), its processor would
-            # run a job cancelled or recovered meanwhile. It starts stopped instead, and
-            # `_claimed` follows the log whichever way the claim went.
+            # run a job cancelled or recovered meanwhile. It starts stopped instead (and
+            # a claim that conflicts loses nothing by it); the log is followed as ever.
             attempt.stop("cancel" if isinstance(event, JobCancelled) else "shutdown")
-            return
         # (A job we are claiming right now: our claim will conflict; follow the log.)
         known = self._jobs.get(stored.job_id)
         if isinstance(event, JobCreated):

@@ -15,7 +15,9 @@ Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX,
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 # A name is kept in the job's row as given: no control characters (a NUL, say, which no
 # PostgreSQL text column takes; the kernel refuses them too).
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# (A lookahead over the whole string: with `...$`, a final line break would pass.)
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255,
+                                   pattern=r"^(?![\s\S]*[\x00-\x1f\x7f])")]
 FilePath = Annotated[str, msgspec.Meta(min_length=1, max_length=4096,
                                         description="relative to the workflow's input/")]
 

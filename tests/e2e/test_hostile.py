@@ -95,6 +95,7 @@ def test_upload_names_are_one_plain_segment(server: Server, filename: str) -> No
 @pytest.mark.parametrize(("params", "headers"), [
     ({"channel_name": "a\x00b"}, {}),
     ({"channel_name": "line\nbreak"}, {}),
+    ({"channel_name": "trailing\n"}, {}),
     ({}, {"Idempotency-Key": "tab\there"}),
     ({}, {"Idempotency-Key": "k" * 256}),
 ])
@@ -175,6 +176,8 @@ def test_ten_megabytes_of_json_is_413(server: Server) -> None:
     ("/api/jobs", b'{"workflow_name": "echo", "file_path": "x", "channel_name": "a\\u0000b"}',
      "application/json", 422),
     ("/api/echo/process", b'{"file_path": "x", "channel_name": "tab\\there"}',
+     "application/json", 422),
+    ("/api/jobs", b'{"workflow_name": "echo", "file_path": "x", "channel_name": "end\\n"}',
      "application/json", 422),
     ("/api/echo/process", b'{"file_path": "x"', "application/json", 400),
     ("/api/echo/process", b'{"file_path": "x"}', "text/csv", 415),

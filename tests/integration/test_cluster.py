@@ -504,3 +504,104 @@ async def test_a_cancel_landing_between_a_claim_and_its_start_stops_the_job(
         "JobCreated", "JobStarted", "JobCancelled"]
     assert not list((tmp_path / "wf" / "input").iterdir())
     assert not list((tmp_path / "wf" / "processing").iterdir())
+
+
+async def test_a_job_finishing_through_a_database_blip_is_not_taken_for_an_orphan(
+        schema: str, tmp_path: Path) -> None:
+    """Between an attempt's end and the commit of its outcome (retried while the database
+    is away) the log still shows the job running here: its node's heartbeat must not take
+    it for a lost claim and interrupt it. It completes, once, in its one attempt."""
+    (name,) = inputs(tmp_path, 1)
+    ran: list[str] = []
+    async with node(schema, tmp_path, Sleep(0.5, ran)) as here:
+        store: Any = here.manager.store
+        down = [False]
+        real = {n: getattr(store, n) for n in ("heartbeat", "append_batch", "append_claims")}
+
+        def blinking(method: str) -> Any:
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                if down[0]:
+                    raise StoreUnavailable("a blip")
+                return await real[method](*args, **kwargs)
+            return call
+
+        for method in real:
+            setattr(store, method, blinking(method))
+        job = await here.submit("wf", name)
+        await until_running(here, job.id)
+        down[0] = True
+        await anyio.sleep(2.0)  # the attempt ends meanwhile; its outcome waits
+        down[0] = False
+        with anyio.fail_after(20):
+            done = await here.wait(job.id)
+    assert (done.status, done.attempts, ran) == (Status.COMPLETED, 1, [job.id])
+
+
+async def test_a_retry_made_elsewhere_while_a_claim_is_on_its_way_still_runs(
+        schema: str, tmp_path: Path) -> None:
+    """While this node's claim is on its way, another node starts the job and fails it
+    with a retry: this node's claim conflicts, and the job, pending again, is run."""
+    (name,) = inputs(tmp_path, 1)
+    ran: list[str] = []
+    other = await PostgresEventStore.open(store_url(schema), node_id="other")
+    await other.heartbeat(60)
+    try:
+        async with node(schema, tmp_path, Sleep(0.01, ran)) as a:
+            real = a.manager.store.append_claims
+            raced: list[str] = []
+
+            async def overtaken(appends: Any, candidates: Any, limits: Any) -> Any:
+                if candidates and not raced:
+                    first = candidates[0]
+                    raced.append(first.job_id)
+                    now = datetime.now(UTC)
+                    await other.append(first.job_id, [JobStarted(
+                        job_id=first.job_id, at=now, attempt=1, worker="other")],
+                        first.expected_version)
+                    await other.append(first.job_id, [JobFailed(
+                        job_id=first.job_id, at=now, attempt=1, error_type="Boom",
+                        message="x", retry_at=now)], first.expected_version + 1)
+                    await anyio.sleep(0.5)  # a's follower reads both meanwhile
+                return await real(appends, candidates, limits)
+
+            a.manager.store.append_claims = overtaken  # type: ignore[method-assign]
+            job = await a.submit("wf", name)
+            with anyio.fail_after(20):
+                done = await a.wait(job.id)
+    finally:
+        await other.close()
+    assert raced == [job.id]
+    assert (done.status, done.attempts, ran) == (Status.COMPLETED, 2, [job.id])
+
+
+async def test_a_lost_claim_cancelled_elsewhere_has_its_file_moved_by_its_node(
+        schema: str, tmp_path: Path) -> None:
+    """A claim commits but its node is told it failed; another node then cancels the job,
+    which the log shows running on the first, and leaves the file to it: the first node's
+    heartbeat moves it to error/ (it never ran the processor)."""
+    (name,) = inputs(tmp_path, 1)
+    ran: list[str] = []
+    async with node(schema, tmp_path, Sleep(0.01, ran)) as a, \
+            node(schema, tmp_path, Sleep(0.01)) as c:
+        await c.manager.drain(0)  # c only cancels
+        real = a.manager.store._committer._write
+        lost: list[str] = []
+
+        async def reply_lost(requests: list[Any]) -> None:
+            await real(requests)
+            claimed = [r.job_id for r in requests if r.limits is not None and not r.error]
+            if claimed and not lost:
+                lost.extend(claimed)
+                for request in requests:
+                    request.result, request.error = [], StoreUnavailable("connection lost")
+                await c.cancel(claimed[0], actor="test", reason="not this one")
+
+        a.manager.store._committer._write = reply_lost
+        job = await c.submit("wf", name)
+        with anyio.fail_after(20):
+            while not list((tmp_path / "wf" / "error").glob(f"*{name}")):  # noqa: ASYNC110
+                await anyio.sleep(0.05)  # (a file is awaited, not an event)
+        done = await c.get_job(job.id)
+    assert lost == [job.id] and ran == []
+    assert done is not None and done.status is Status.CANCELLED
+    assert not list((tmp_path / "wf" / "input").iterdir())
