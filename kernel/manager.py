@@ -115,8 +115,8 @@ class JobManager(IntakeDuties, ClusterDuties):
         self._intake: deque[str] = deque()
         self._intake_ready = anyio.Event()
         # Claims whose store call failed, which may have committed all the same: job id ->
-        # when (anyio time) the failure was seen (kernel/nodes.py, `_recover_orphans`).
-        self._unsure_claims: dict[str, float] = {}
+        # the version the claim was made at (kernel/nodes.py, `_recover_orphans`).
+        self._unsure_claims: dict[str, int] = {}
         self._wakeup = anyio.Event()
         self._waiters: dict[str, anyio.Event] = {}
         self._unsettled: set[str] = set()  # terminal, but the file is still on its way
@@ -502,7 +502,7 @@ class JobManager(IntakeDuties, ClusterDuties):
                 if self.cluster is not None:
                     # It may have committed all the same (the reply lost with the
                     # connection): the heartbeat recovers it if the log shows it here.
-                    self._unsure_claims[job.id] = anyio.current_time()
+                    self._unsure_claims[job.id] = job.version
             return
         self._unsure_claims.pop(job.id, None)
         running = self._apply(job, result)

@@ -87,29 +87,50 @@ class ClusterDuties:
                 continue  # the next beat tries again
 
     async def _recover_orphans(self: ManagerHost, cluster: Cluster) -> None:
-        read_s = anyio.current_time()
         running = await cluster.running_jobs()
         for job in await self._orphans(running):
             workflow = self.workflows.get(job.workflow_name)
             if workflow is None:
                 continue  # a node that has the workflow recovers it
+            # Whatever this node holds of it is older (a lost claim's pending copy): the
+            # interruption is decided on the log's.
+            self._jobs.pop(job.id, None)
+            self.queue.discard(job.id)
             try:
                 interrupted = await self._interrupt(job, workflow.config)
             except Rejected:
                 continue  # another node was first
             self._unsure_claims.pop(job.id, None)
             await self._settle(interrupted)
-        # An unsure claim the log does not show running here, read after the claim failed,
-        # did not commit, or has ended since: cancelled by another node, which left its
-        # file to this one (the log's runner of it) to move.
-        mine = {job.id for job in running if job.worker == cluster.node_id}
-        for job_id, failed_s in list(self._unsure_claims.items()):
-            if failed_s < read_s and job_id not in mine:
-                del self._unsure_claims[job_id]
-                ended = await self.store.get_job(job_id)
-                if ended is not None and not ended.is_active and \
-                        ended.worker == cluster.node_id and ended.workflow_name in self.workflows:
-                    await self._settle_file(ended)
+        await self._resolve_unsure_claims(cluster, {j.id for j in running})
+
+    async def _resolve_unsure_claims(self: ManagerHost, cluster: Cluster, running: set[str]
+                                     ) -> None:
+        """Forget the unsure claims the log has moved past without them running here.
+
+        A claim made at version v that the log shows past v, and not running on this
+        node, either never committed (and no longer can: it expected v) or committed and
+        ended since; if it ended cancelled by another node, that node left the file to
+        this one, the log's runner of it, to move, unless a newer job owns the name now.
+        """
+        for job_id, claimed_at in list(self._unsure_claims.items()):
+            if job_id in running:
+                continue  # running: recovered above if it is ours
+            job = await self.store.get_job(job_id)
+            if job is not None and job.version <= claimed_at:
+                continue  # the claim may still land
+            if job is not None and job.status is Status.RUNNING:
+                continue  # running since the read above: the next beat looks again
+            if self._unsure_claims.get(job_id) != claimed_at:
+                continue  # claimed again meanwhile
+            del self._unsure_claims[job_id]
+            if job is None or job.is_active or job.worker != cluster.node_id or \
+                    job.workflow_name not in self.workflows:
+                continue
+            latest = await self.store.latest_jobs(job.workflow_name, [job.file_path])
+            owner = latest.get(job.file_path)
+            if owner is None or owner.id == job.id:
+                await self._settle_file(job)
         for node in await cluster.dead_nodes():
             # A node that died between a terminal event and its file's move: finish the
             # move for it (settling is idempotent), then forget the node.

@@ -485,7 +485,7 @@ async def test_a_cancel_landing_between_a_claim_and_its_start_stops_the_job(
             if candidates and not cancelled.is_set():
                 await c.cancel(job_ids[0], actor="test", reason="stop it")
                 cancelled.set()
-                await anyio.sleep(0.5)  # a's follower sees the cancel meanwhile
+                await anyio.sleep(1.0)  # a's follower sees the cancel meanwhile
             return result
 
         a.manager.store.append_claims = handled_late  # type: ignore[method-assign]
@@ -605,3 +605,42 @@ async def test_a_lost_claim_cancelled_elsewhere_has_its_file_moved_by_its_node(
     assert lost == [job.id] and ran == []
     assert done is not None and done.status is Status.CANCELLED
     assert not list((tmp_path / "wf" / "input").iterdir())
+
+
+async def test_a_lost_claim_is_recovered_while_the_node_is_busy_with_another_job(
+        schema: str, tmp_path: Path) -> None:
+    """The node that lost a claim's reply has its one slot taken by another job, so it
+    never picks the stranded job again: its heartbeat recovers it all the same (its own
+    pending copy of the job, older than the log's, does not stand in the way)."""
+    first, second = inputs(tmp_path, 2)
+    ran: list[str] = []
+    async with node(schema, tmp_path, Sleep(3.0, ran), node_concurrency=1) as a:
+        real = a.manager.store._committer._write
+        lost: list[str] = []
+
+        async def reply_lost(requests: list[Any]) -> None:
+            await real(requests)
+            claimed = [r.job_id for r in requests if r.limits is not None and not r.error]
+            if claimed and not lost:
+                lost.extend(claimed)
+                for request in requests:
+                    request.result, request.error = [], StoreUnavailable("connection lost")
+
+        a.manager.store._committer._write = reply_lost
+        stranded = await a.submit("wf", first)
+        with anyio.fail_after(10):
+            while not lost:  # noqa: ASYNC110
+                await anyio.sleep(0.02)  # (the claim, not an event, is awaited)
+        busy = await a.submit("wf", second, priority=10)  # takes the slot after the pause
+        await until_running(a, busy.id)
+        with anyio.fail_after(10):
+            while True:
+                failures = [s.event for s in await log_of(a) if s.job_id == stranded.id
+                            and isinstance(s.event, JobFailed)]
+                if failures:
+                    break
+                await anyio.sleep(0.1)
+        still = await a.get_job(busy.id)
+    assert lost == [stranded.id]
+    assert [f.error_type for f in failures] == ["Interrupted"]
+    assert still is not None and still.status is Status.RUNNING  # recovered meanwhile
