@@ -103,6 +103,16 @@ class ClusterDuties:
             self._unsure_claims.pop(job.id, None)
             await self._settle(interrupted)
         await self._resolve_unsure_claims(cluster, {j.id for j in running})
+        for node in await cluster.dead_nodes():
+            # A node that died between a terminal event and its file's move: finish the
+            # move for it (settling is idempotent), then forget the node.
+            for job in await cluster.finished_by(node):
+                if job.workflow_name in self.workflows:
+                    await self.files.settle(job)
+            if await self._orphans([j for j in await cluster.running_jobs()
+                                    if j.worker == node]):
+                continue  # some of its running jobs wait for a node with their workflow
+            await cluster.forget_node(node)
 
     async def _resolve_unsure_claims(self: ManagerHost, cluster: Cluster, running: set[str]
                                      ) -> None:
@@ -131,16 +141,6 @@ class ClusterDuties:
             owner = latest.get(job.file_path)
             if owner is None or owner.id == job.id:
                 await self._settle_file(job)
-        for node in await cluster.dead_nodes():
-            # A node that died between a terminal event and its file's move: finish the
-            # move for it (settling is idempotent), then forget the node.
-            for job in await cluster.finished_by(node):
-                if job.workflow_name in self.workflows:
-                    await self.files.settle(job)
-            if await self._orphans([j for j in await cluster.running_jobs()
-                                    if j.worker == node]):
-                continue  # some of its running jobs wait for a node with their workflow
-            await cluster.forget_node(node)
 
     async def _follow(self: ManagerHost, cluster: Cluster, after: int) -> None:
         """Keep the queue in step with what the other nodes append."""
