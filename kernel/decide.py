@@ -152,6 +152,11 @@ def decide(job: Job | None, command: AnyCommand) -> list[Event]:
     raise Rejected("invalid", f"unknown command {type(command).__name__}")
 
 
+def has_control_characters(text: str) -> bool:
+    """Whether `text` holds a C0 control character or DEL (a NUL, a tab, a line break)."""
+    return any(ord(c) < 32 or c == "\x7f" for c in text)
+
+
 def _create(job: Job | None, command: CreateJob) -> list[Event]:
     if job is not None:
         raise Rejected("exists", f"job {command.job_id} already exists")
@@ -160,7 +165,7 @@ def _create(job: Job | None, command: CreateJob) -> list[Event]:
     for field, value in (("channel_name", command.channel_name),
                          ("idempotency_key", command.idempotency_key)):
         # Kept in the job's row as they are: a NUL, say, no PostgreSQL text column takes.
-        if value is not None and any(ord(c) < 32 or c == "\x7f" for c in value):
+        if value is not None and has_control_characters(value):
             raise Rejected("invalid", f"{field} must not contain control characters")
     return [
         JobCreated(

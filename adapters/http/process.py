@@ -14,6 +14,7 @@ from starlette.responses import Response
 from adapters.http.errors import ApiError
 from adapters.http.jobs import app_state, created_response, decode_json
 from adapters.http.schemas import Name, Priority
+from kernel.decide import has_control_characters
 
 OPTION_KEYS = ("file_path", "filename", "priority", "channel_name")
 
@@ -55,8 +56,7 @@ async def _upload(request: Request, workflow_name: str) -> Response:
     filename = query.pop("filename", "")
     options = _options(query)
     key = request.headers.get("idempotency-key")
-    if key is not None and (not key or len(key) > 255 or
-                            any(ord(c) < 32 or c == "\x7f" for c in key)):
+    if key is not None and (not key or len(key) > 255 or has_control_characters(key)):
         raise ApiError(422, "Idempotency-Key must be 1-255 characters, with no control "
                        "characters", field="Idempotency-Key")
     if key:

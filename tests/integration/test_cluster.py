@@ -8,7 +8,7 @@ process is in test_cluster_kill.py.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,31 @@ def inputs(data_dir: Path, count: int) -> list[str]:
     for i in range(count):
         (inbox / f"f{i:04d}.txt").write_text(str(i))
     return [f"f{i:04d}.txt" for i in range(count)]
+
+
+def lose_first_reply(kernel: Kernel, *, claims_only: bool = True,
+                     then: Callable[[list[str]], Awaitable[object]] | None = None) -> list[str]:
+    """Make the first commit (the first holding a claim taken, with `claims_only`) land
+    on the server and yet report StoreUnavailable, as when the reply is lost with the
+    connection; `then(ids)` runs right after. The ids of that commit's jobs (claimed ones,
+    with `claims_only`) fill the returned list once it happened."""
+    store: Any = kernel.manager.store
+    real = store._committer._write
+    lost: list[str] = []
+
+    async def reply_lost(requests: list[Any]) -> None:
+        await real(requests)  # committed on the server
+        ids = [r.job_id for r in requests if not claims_only or
+               (r.limits is not None and not r.error)]
+        if ids and not lost:
+            lost.extend(ids)
+            for request in requests:
+                request.result, request.error = [], StoreUnavailable("connection lost")
+            if then is not None:
+                await then(ids)
+
+    store._committer._write = reply_lost
+    return lost
 
 
 async def log_of(kernel: Kernel) -> list[StoredEvent]:
@@ -415,18 +440,7 @@ async def test_a_claim_that_committed_although_the_store_said_it_failed_is_recov
     async with node(schema, tmp_path, Sleep(0.01)) as a, \
             node(schema, tmp_path, Sleep(0.01)) as b:
         await b.manager.drain(0)  # b only submits: every claim is a's
-        store = a.manager.store
-        real = store._committer._write
-        lost: list[str] = []
-
-        async def reply_lost(requests: list[Any]) -> None:
-            await real(requests)  # committed on the server
-            if not lost and any(r.limits is not None and not r.error for r in requests):
-                lost.extend(r.job_id for r in requests if r.limits is not None and not r.error)
-                for request in requests:
-                    request.result, request.error = [], StoreUnavailable("connection lost")
-
-        store._committer._write = reply_lost
+        lost = lose_first_reply(a)
         first = await a.submit("wf", names[0])
         second = await b.submit("wf", names[1])
         with anyio.fail_after(30):
@@ -446,18 +460,7 @@ async def test_a_submit_that_committed_although_the_store_said_it_failed_runs_wh
     job runs, although this node never learnt of it (its follower skips its own events)."""
     (name,) = inputs(tmp_path, 1)
     async with node(schema, tmp_path, Sleep(0.01)) as a:
-        store = a.manager.store
-        real = store._committer._write
-        lost: list[str] = []
-
-        async def reply_lost(requests: list[Any]) -> None:
-            await real(requests)
-            if not lost:
-                lost.extend(r.job_id for r in requests)
-                for request in requests:
-                    request.result, request.error = [], StoreUnavailable("connection lost")
-
-        store._committer._write = reply_lost
+        lost = lose_first_reply(a, claims_only=False)
         with pytest.raises(StoreUnavailable):
             await a.submit("wf", name)
         again = await a.submit_file("wf", name)
@@ -585,19 +588,8 @@ async def test_a_lost_claim_cancelled_elsewhere_has_its_file_moved_by_its_node(
     async with node(schema, tmp_path, Sleep(0.01, ran)) as a, \
             node(schema, tmp_path, Sleep(0.01)) as c:
         await c.manager.drain(0)  # c only cancels
-        real = a.manager.store._committer._write
-        lost: list[str] = []
-
-        async def reply_lost(requests: list[Any]) -> None:
-            await real(requests)
-            claimed = [r.job_id for r in requests if r.limits is not None and not r.error]
-            if claimed and not lost:
-                lost.extend(claimed)
-                for request in requests:
-                    request.result, request.error = [], StoreUnavailable("connection lost")
-                await c.cancel(claimed[0], actor="test", reason="not this one")
-
-        a.manager.store._committer._write = reply_lost
+        lost = lose_first_reply(
+            a, then=lambda ids: c.cancel(ids[0], actor="test", reason="not this one"))
         job = await c.submit("wf", name)
         with anyio.fail_after(20):
             while not list((tmp_path / "wf" / "error").glob(f"*{name}")):  # noqa: ASYNC110
@@ -616,18 +608,7 @@ async def test_a_lost_claim_is_recovered_while_the_node_is_busy_with_another_job
     first, second = inputs(tmp_path, 2)
     ran: list[str] = []
     async with node(schema, tmp_path, Sleep(3.0, ran), node_concurrency=1) as a:
-        real = a.manager.store._committer._write
-        lost: list[str] = []
-
-        async def reply_lost(requests: list[Any]) -> None:
-            await real(requests)
-            claimed = [r.job_id for r in requests if r.limits is not None and not r.error]
-            if claimed and not lost:
-                lost.extend(claimed)
-                for request in requests:
-                    request.result, request.error = [], StoreUnavailable("connection lost")
-
-        a.manager.store._committer._write = reply_lost
+        lost = lose_first_reply(a)
         stranded = await a.submit("wf", first)
         with anyio.fail_after(10):
             while not lost:  # noqa: ASYNC110
