@@ -219,6 +219,17 @@ class PostgresEventStore:
                 await conn.execute("COMMIT")
         except (psycopg.Error, PoolTimeout) as exc:
             error = translate(exc, self.where)
+            units = _units(requests)
+            if len(units) > 1 and not isinstance(error, StoreUnavailable | StoreFull):
+                # The server refused something in the group (a value it cannot take, an
+                # operator's trigger or constraint): nothing was written. Write each append
+                # (each claim with its candidates) in a transaction of its own, so only
+                # what the server refuses fails, not the outcomes grouped beside it.
+                for unit in units:
+                    for request in unit:
+                        request.result, request.error = [], None
+                    await self._write_group(unit)
+                return
             for request in requests:
                 if request.error is None:
                     request.result, request.error = [], error
@@ -673,6 +684,22 @@ def _stage(batch: Batch, request: Request) -> bool:
         return False
     request.result = [row.stored for row in rows]
     return True
+
+
+def _units(requests: list[Request]) -> list[list[Request]]:
+    """The group split into what can be written alone: each append on its own, each
+    claim's candidates together (its slots are counted across them)."""
+    units: list[list[Request]] = []
+    claims: dict[int, list[Request]] = {}
+    for request in requests:
+        if request.limits is None:
+            units.append([request])
+        elif id(request.limits) in claims:
+            claims[id(request.limits)].append(request)
+        else:
+            claims[id(request.limits)] = [request]
+            units.append(claims[id(request.limits)])
+    return units
 
 
 def _count_changes(running: dict[str, int], before: dict[str, Job], batch: Batch) -> None:

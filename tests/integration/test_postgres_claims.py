@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from adapters.postgres import PostgresEventStore
+from kernel.chain import verify
 from kernel.events import JobCreated, JobStarted
 from kernel.ports import Append, ClaimLimits, ConcurrencyConflict, NotClaimed
 from tests.integration.pgkit import URL, server_or_skip
@@ -124,3 +125,39 @@ async def test_the_cluster_wide_limits_hold_however_many_slots_are_free(
         [], [start("p1"), start("p2"), start("b")],
         ClaimLimits(slots=4, per_workflow={"pdf": 1}))
     assert [outcome(r) for r in taken] == ["started", "not claimed", "started"]
+
+
+async def refuse_jobs_named(store: PostgresEventStore, marker: str) -> None:
+    """An operator's trigger that makes the server refuse any event of a job id holding
+    `marker` (what a value PostgreSQL cannot take would do)."""
+    async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as conn:
+        schema = store.schema_name
+        await conn.execute(
+            f'CREATE FUNCTION "{schema}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$ '
+            f"BEGIN IF NEW.job_id LIKE '%{marker}%' THEN RAISE EXCEPTION 'refused by a "
+            "trigger'; END IF; RETURN NEW; END $$")
+        await conn.execute(f'CREATE TRIGGER refuse BEFORE INSERT ON "{schema}".events '
+                           f'FOR EACH ROW EXECUTE FUNCTION "{schema}".refuse()')
+
+
+async def test_an_append_the_server_refuses_fails_alone(store: PostgresEventStore) -> None:
+    """One append the server refuses does not take the others of its group with it: an
+    outcome grouped beside a refused claim (or a refused submit) is still written."""
+    await pending(store, "done-1", "bad-1", "ok-1")
+    await store.append_batch([start("done-1")])
+    await refuse_jobs_named(store, "bad")
+    appends, taken = await store.append_claims(
+        [Append("done-1", [JobStarted(job_id="done-1", at=datetime.now(UTC), attempt=2,
+                                      worker="node")], 2)],
+        [start("bad-1"), start("ok-1")], ClaimLimits(slots=1))
+    assert isinstance(appends[0], list), appends[0]  # written, not failed with the claim
+    assert "refused by a trigger" in str(taken[0])
+    assert not isinstance(taken[1], list)  # the claim failed as a whole: nothing started
+    assert (await store.get_job("done-1")).attempts == 2  # type: ignore[union-attr]
+    results = await store.append_batch([Append("bad-2", [created("bad-2")], 0),
+                                        Append("ok-2", [created("ok-2")], 0)])
+    assert "refused by a trigger" in str(results[0])
+    assert isinstance(results[1], list)
+    assert (await store.get_job("ok-2")) is not None
+    assert (await store.get_job("bad-2")) is None
+    assert verify(await store.read_chain()).ok
