@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import anyio
 import click
+from rich import box
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
@@ -262,18 +263,40 @@ def id_column(table: Table, name: str = "job") -> None:
     table.add_column(name, no_wrap=True, min_width=26)
 
 
-def jobs_table(items: list[dict[str, Any]]) -> Table:
-    """Jobs as rows: id, workflow, status, priority, attempts, created, where the file is."""
-    table = Table()
+def jobs_table(items: list[dict[str, Any]], width: int = 120) -> Table:
+    """Jobs as rows: id, workflow, status, priority, attempts, created, where the file is.
+
+    The file is shown as its folder and name (`multiflow job ID` and `--json` give the
+    whole path); below 100 columns the creation time is left out so the rest fits."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     id_column(table)
-    for name in ("workflow", "status", "prio", "tries", "created", "file / error"):
-        table.add_column(name)
+    table.add_column("workflow", overflow="fold")
+    table.add_column("status", no_wrap=True, min_width=9)  # "cancelled"
+    table.add_column("prio", no_wrap=True, justify="right")
+    table.add_column("tries", no_wrap=True, justify="right")
+    wide = width >= 100
+    if wide:
+        table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("file / error", overflow="fold")
     for job in items:
         error = job.get("error") or {}
-        note = f"{error.get('type')}: {error.get('message')}" if error else job["current_path"]
-        table.add_row(job["id"], job["workflow_name"], job["status"], str(job["priority"]),
-                      str(job["attempts"]), when(job["created_at"]), note)
+        note = f"{error.get('type')}: {error.get('message')}" if error else \
+            short_path(job["current_path"], job["id"])
+        row = [job["id"], job["workflow_name"], job["status"], str(job["priority"]),
+               str(job["attempts"])]
+        if wide:
+            row.append(when(job["created_at"])[5:])
+        table.add_row(*row, note)
     return table
+
+
+def short_path(path: str, job_id: str) -> str:
+    """`wf/archive/2026-11-30/ID--report.csv` as `archive/report.csv`."""
+    parts = path.split("/")
+    if len(parts) < 3:
+        return path
+    name = parts[-1].removeprefix(f"{job_id}--")
+    return f"{parts[1]}/{name}"
 
 
 # -- commands that talk to the server -----------------------------------------------------
@@ -303,7 +326,7 @@ def status(url: str, token: str | None, data_dir: Path | None) -> None:
     if queue["buckets"]:
         console.print(buckets)
     if running["items"]:
-        console.print(jobs_table(running["items"]))
+        console.print(jobs_table(running["items"], console.width))
     console.print(workflows_table(workflows))
     if health["status"] != "ready":
         raise SystemExit(1)
@@ -327,13 +350,19 @@ def workflows_table(workflows: list[dict[str, Any]]) -> Table:
 @click.option("--workflow", default=None)
 @click.option("--channel", default=None)
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One job per line as the API's JSON, for scripts.")
 def jobs(url: str, token: str | None, data_dir: Path | None, status_: str | None,
-         workflow: str | None, channel: str | None, limit: int) -> None:
+         workflow: str | None, channel: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
     api = connect(url, token, data_dir)
     page = ask(api, "GET", "/api/jobs", query={
         "status": status_, "workflow_name": workflow, "channel_name": channel, "limit": limit})
-    console.print(jobs_table(page["items"]))
+    if as_json:
+        for item in page["items"]:
+            click.echo(json.dumps(item, ensure_ascii=False))
+        return
+    console.print(jobs_table(page["items"], console.width))
     more = " (more: raise --limit)" if page["next_cursor"] else ""
     console.print(f"{len(page['items'])} job(s){more}")
 

@@ -261,6 +261,15 @@ def test_submit_by_path_then_jobs_and_job_show_it(server: Server) -> None:
     code, out = cli("job", *server.args(), job_id)
     assert code == 0, out
     assert "job.created" in out and "job.started" in out and "job.completed" in out
+    # An 80-column terminal cuts nothing short: the status and workflow are whole.
+    code, out = cli("jobs", *server.args(), "--workflow", "echo", env={"COLUMNS": "80"})
+    row = next(line for line in out.splitlines() if job_id in line)
+    assert "echo" in row.split() and "completed" in row.split(), out
+    assert "archive/by-path.txt" in out.replace("\n", "").replace(" ", ""), out
+    code, out = cli("jobs", *server.args(), "--workflow", "echo", "--json")
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [j["id"] for j in listed] == [job_id], out
+    assert listed[0]["current_path"].startswith("echo/archive/")
 
 
 def test_submit_uploads_a_file_from_outside_input(server: Server, tmp_path: Path) -> None:
