@@ -76,7 +76,7 @@ class Kernel:
         self.metrics: Metrics | None = None
         self.scanner: ClamdClient | None = None
         self.observer: Observer | None = None
-        self._api_owned: set[tuple[str, str]] = set()
+        self._api_owned: dict[tuple[str, str], int] = {}  # uploads being placed, by name
         self._watcher_scopes: list[anyio.CancelScope] = []  # uploads being placed by the API
 
     @classmethod
@@ -281,20 +281,51 @@ class Kernel:
         The watcher is told to leave the name alone meanwhile, so the job gets the priority
         and parameters the upload asked for, and never a second job.
         """
-        if workflow_name not in self.manager.workflows:
-            raise Rejected("not_found", f"no workflow named {workflow_name!r} is registered")
+        path = await self.check_upload(workflow_name, filename)
         owned = (workflow_name, filename)
-        self._api_owned.add(owned)
+        self._api_owned[owned] = self._api_owned.get(owned, 0) + 1
         try:
             try:
                 await anyio.to_thread.run_sync(
                     self.files.place_upload, staged, workflow_name, filename)
             except FileExistsError as exc:
                 raise Rejected("exists", f"{exc}; upload it under another name") from None
-            return await self.submit_file(workflow_name, filename, completeness="upload",
-                                          **options)
+            try:
+                submitted = await self.submit_file(workflow_name, filename,
+                                                   completeness="upload", **options)
+            except Rejected:
+                await self._take_back(workflow_name, filename)
+                raise
+            if submitted.created:
+                return submitted
+            # The file placed has no job: nothing of this upload may stay behind.
+            await self._take_back(workflow_name, filename)
+            key = options.get("idempotency_key")
+            if key is not None and submitted.job.idempotency_key == key:
+                return submitted  # the same upload, made meanwhile by a retry: its job
+            raise Rejected("exists", _still_active(path, submitted.job))
         finally:
-            self._api_owned.discard(owned)
+            self._api_owned[owned] -= 1
+            if not self._api_owned[owned]:
+                del self._api_owned[owned]
+
+    async def check_upload(self, workflow_name: str, filename: str) -> str:
+        """Refuse an upload before its bytes land: an unknown workflow, a name that is not
+        one plain file name, a name whose previous job is still active. Its input path."""
+        if workflow_name not in self.manager.workflows:
+            raise Rejected("not_found", f"no workflow named {workflow_name!r} is registered")
+        self.files.check_upload_name(filename)
+        path = self.files.input_file_path(workflow_name, filename)
+        active = await self.store.find_active(workflow_name, path)
+        if active is not None:
+            raise Rejected("exists", _still_active(path, active))
+        return path
+
+    async def _take_back(self, workflow_name: str, filename: str) -> None:
+        """Remove an upload placed in input/ whose job was not made (still API-owned, so
+        no watcher has looked at it)."""
+        target = self.files.data_dir / workflow_name / "input" / filename
+        await anyio.to_thread.run_sync(lambda: target.unlink(missing_ok=True))
 
     def input_file(self, workflow_name: str, file_path: str) -> str:
         """The data-root relative path of a file in input/; refuses escapes and missing files."""
@@ -327,3 +358,8 @@ class Kernel:
     async def wait(self, job_id: str, timeout_s: float | None = None) -> Job:
         """Wait until a job has finished (completed, failed or cancelled)."""
         return await self.manager.wait(job_id, timeout_s)
+
+
+def _still_active(path: str, job: Job) -> str:
+    return (f"{path} still has an active job ({job.id}, {job.status}): upload it again once "
+            "that job has finished, or under another name")

@@ -7,6 +7,7 @@ harmless. Names never collide (`{job_id}--{name}`), and nothing is overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -56,6 +57,9 @@ class PathOutsideRoot(ValueError):
 
 class FileNotInInput(LookupError):
     """The file a submit names is not in the workflow's input/ folder."""
+
+
+STAGING_IDLE_S = 3600.0  # an upload unwritten this long was cut short by a crash
 
 
 class HotFolders:
@@ -124,12 +128,32 @@ class HotFolders:
         path.mkdir(exist_ok=True)
         return path
 
+    def sweep_staging(self, now_s: float, idle_s: float = STAGING_IDLE_S) -> list[Path]:
+        """Remove uploads left in staging by a server that stopped mid-upload (a kill, a
+        power cut): those unwritten for `idle_s`. An upload in progress keeps its file's
+        time fresh, on this node or another sharing the data root."""
+        folder = self.data_dir / ".staging"
+        removed: list[Path] = []
+        if not folder.is_dir():
+            return removed
+        for entry in os.scandir(folder):
+            if not entry.name.startswith("upload-") or not entry.is_file(follow_symlinks=False):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if now_s - entry.stat(follow_symlinks=False).st_mtime >= idle_s:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+        return removed
+
     @staticmethod
     def check_upload_name(name: str) -> None:
         """An uploaded file's name: one plain path segment, not hidden, not temporary."""
         if not name or "/" in name or "\\" in name or "\x00" in name or name in (".", "..") \
                 or name.startswith(".") or len(name.encode()) > 255:
             raise PathOutsideRoot(f"filename {name!r} must be one plain file name")
+        if name.endswith(TEMP_SUFFIX):
+            raise PathOutsideRoot(f"filename {name!r} ends like multiflow's temporary files "
+                                  f"({TEMP_SUFFIX}); upload it under another name")
 
     def place_upload(self, staged: Path, workflow_name: str, name: str) -> str:
         """fsync a staged upload and rename it into input/ durably; its relative path."""
@@ -338,7 +362,9 @@ class HotFolders:
         owned = {layout.stored_name(job) for job in active}
         root = self.data_dir / workflow_name
         for stage in layout.STAGES:
-            for tmp in (root / stage).rglob(f"*{TEMP_SUFFIX}"):
+            # Only the hidden names `temp_name` makes: a file of an operator's that merely
+            # ends like one is not ours to delete.
+            for tmp in (root / stage).rglob(f".*{TEMP_SUFFIX}"):
                 tmp.unlink(missing_ok=True)
         strays = [
             path for path in sorted((root / "processing").iterdir())

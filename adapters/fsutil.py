@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import os
 import queue
 import secrets
@@ -65,6 +67,47 @@ def write_bytes_atomic(target: Path, data: bytes) -> None:
         handle.write(data)
 
 
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_renameat2: Any = None  # libc's renameat2, once looked up; False where there is none
+
+
+def _libc_renameat2() -> Any:
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        with contextlib.suppress(OSError, AttributeError):
+            function = ctypes.CDLL(None, use_errno=True).renameat2
+            function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                 ctypes.c_uint)
+            function.restype = ctypes.c_int
+            _renameat2 = function
+    return _renameat2
+
+
+def rename_noreplace(source: str | Path, target: str | Path) -> None:
+    """Rename `source` to `target`; FileExistsError if `target` exists, checked and renamed
+    in one step where the system can (Linux's `renameat2(RENAME_NOREPLACE)`), so two
+    renames racing for one name never let the second replace the first.
+
+    Where the filesystem or the system cannot (NFS before Linux 6.x, macOS), the check
+    and the rename are two steps; multiflow's own names never race there except uploads
+    of one name at once, which the API also keeps apart."""
+    function = _libc_renameat2()
+    if function:
+        if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                    _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise FileExistsError(f"{target} exists; refusing to overwrite it")
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), str(source), None, str(target))
+    if os.path.lexists(target):
+        raise FileExistsError(f"{target} exists; refusing to overwrite it")
+    os.rename(source, target)
+
+
 def move(source: str | Path, target: str | Path, *, durable: bool = True,
          dirty: set[str] | None = None) -> None:
     """Rename `source` to `target`, never over an existing file; `durable` fsyncs the target's
@@ -75,16 +118,14 @@ def move(source: str | Path, target: str | Path, *, durable: bool = True,
     adds the folder to that set instead, for its caller to fsync once for many moves
     (see `FileLane`) before anyone relies on them.
     """
-    if os.path.exists(target):
-        raise FileExistsError(f"{target} exists; refusing to overwrite it")
     folder = os.path.dirname(target)
     try:
-        os.rename(source, target)
+        rename_noreplace(source, target)
     except FileNotFoundError:
         if not os.path.lexists(source):
             raise
         os.makedirs(folder, exist_ok=True)  # a new folder (an archive day, say)
-        os.rename(source, target)
+        rename_noreplace(source, target)
     if not durable:
         return
     if dirty is None:

@@ -452,19 +452,27 @@ def _remove(path: Path) -> None:
 async def cleanup_daily(kernel: Kernel, settings: Settings, *,
                         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                         ) -> None:
-    """Run the archive cleanup now and every `cleanup_interval_s`; start it with tg.start."""
+    """Run the archive cleanup now and every `cleanup_interval_s`; start it with tg.start.
+
+    Each pass also removes uploads a crash left in staging (`HotFolders.sweep_staging`);
+    with retention off (0 days) the archive itself is kept for ever."""
     task_status.started()
-    if settings.archive_retention_days <= 0:
-        return  # retention off: the archive is kept for ever
     older_than = timedelta(days=settings.archive_retention_days)
     while True:
         try:
-            report = await anyio.to_thread.run_sync(
-                lambda: cleanup(kernel.files.data_dir, older_than, datetime.now(UTC)))
+            for path in await anyio.to_thread.run_sync(kernel.files.sweep_staging, time.time()):
+                log.info("staging_removed", path=path.name,
+                         reason="an upload cut short (unwritten for an hour)")
         except OSError:
-            log.exception("archive_cleanup_failed")
-        else:
-            _log_cleanup(report)
+            log.exception("staging_cleanup_failed")
+        if settings.archive_retention_days > 0:
+            try:
+                report = await anyio.to_thread.run_sync(
+                    lambda: cleanup(kernel.files.data_dir, older_than, datetime.now(UTC)))
+            except OSError:
+                log.exception("archive_cleanup_failed")
+            else:
+                _log_cleanup(report)
         await anyio.sleep(settings.cleanup_interval_s)
 
 

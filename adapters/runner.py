@@ -14,6 +14,7 @@ import gc
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from sse_starlette.sse import AppStatus
 from adapters.bootstrap import Kernel
 from adapters.config import Settings, SettingsError, load_settings
 from adapters.discovery import register_all
+from adapters.files import STAGING_IDLE_S
 from adapters.http.app import create_app
 from adapters.http.security import ensure_tokens
 from adapters.http.state import AppState
@@ -125,6 +127,7 @@ async def _serve(settings: Settings, signals: Any) -> None:
         state = AppState(kernel=kernel, settings=settings, tokens=tokens,
                          scanner_ping=kernel.scanner.reachable if kernel.scanner else None)
         state.workflow_problems.update(register_all(kernel, settings))
+        await sweep_staging_at_start(kernel)
         await kernel._tg.start(partial(
             run_singleton, kernel.manager.cluster, "notifications",
             partial(_notify, state), on_stop=partial(setattr, state, "alerts", None)))
@@ -151,6 +154,15 @@ async def _serve(settings: Settings, signals: Any) -> None:
             await _until_signal(signals)
             upkeep.cancel()
             await _stop(state, server)
+
+
+async def sweep_staging_at_start(kernel: Kernel) -> None:
+    """Before the API answers: remove uploads a crash cut short. Alone on its data root
+    (SQLite's writer lock), every staged upload is one; nodes sharing a root leave the
+    others' uploads in progress alone (only those unwritten for an hour go)."""
+    idle_s = STAGING_IDLE_S if kernel.manager.cluster is not None else 0.0
+    for path in await anyio.to_thread.run_sync(kernel.files.sweep_staging, time.time(), idle_s):
+        log.info("staging_removed", path=path.name, reason="an upload cut short by a stop")
 
 
 async def _upkeep(kernel: Kernel, settings: Settings, scope: anyio.CancelScope, *,

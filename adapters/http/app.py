@@ -7,12 +7,12 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from adapters.http import dashboard, events, explain, jobs, notifications, openapi, ops, process
-from adapters.http.errors import KNOWN_ERRORS, handle_error, problem_response
+from adapters.http.errors import KNOWN_ERRORS, client_gone, handle_error, problem_response
 from adapters.http.security import RateLimit, TokenAuth
 from adapters.http.state import AppState
 
@@ -69,6 +69,7 @@ def create_app(state: AppState) -> Starlette:
     # traceback and a closed connection), so only real 500s go there.
     handlers: dict[Any, Any] = {HTTPException: http_error, Exception: handle_error}
     handlers.update({kind: handle_error for kind in KNOWN_ERRORS})
+    handlers[ClientDisconnect] = client_gone
     app = Starlette(routes=routes(), middleware=middleware, exception_handlers=handlers)
     app.state.multiflow = state
     return app

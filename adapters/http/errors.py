@@ -78,6 +78,20 @@ KNOWN_ERRORS: tuple[type[Exception], ...] = (
     msgspec.DecodeError, StoreFull, StoreUnavailable)
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up mid-request (an upload stopped with Ctrl-C): nothing was changed,
+    nobody is left to answer, and it is not a server error."""
+    log.info("client_disconnected", path=request.url.path, method=request.method)
+    return Response(status_code=499)
+
+
+def declared_length(value: str | None) -> int | None:
+    """A Content-Length header's value, or None when absent or not a plain number."""
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 19:
+        return None
+    return int(value)
+
+
 async def handle_error(request: Request, exc: Exception) -> Response:
     """Starlette exception handler: every known error becomes a problem document."""
     try:

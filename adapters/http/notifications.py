@@ -36,7 +36,7 @@ async def dead_letters(request: Request) -> Response:
 async def redeliver_letter(request: Request) -> Response:
     """POST /api/notifications/dead/{letter_id}/redeliver: one more try, now."""
     raw = request.path_params["letter_id"]
-    if not raw.isdigit():
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
         raise ApiError(404, f"no dead letter {raw}")
     records = _records(request)
     letter = next((d for d in await records.list_dead_letters(100_000) if d.id == int(raw)), None)

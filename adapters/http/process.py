@@ -11,7 +11,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from adapters.http.errors import ApiError
+from adapters.http.errors import ApiError, declared_length
 from adapters.http.jobs import app_state, created_response, decode_json
 from adapters.http.schemas import Name, Priority
 from kernel.decide import has_control_characters
@@ -63,7 +63,7 @@ async def _upload(request: Request, workflow_name: str) -> Response:
         earlier = await state.kernel.store.find_by_key(workflow_name, key)
         if earlier is not None:
             return created_response(request, earlier, False)
-    state.kernel.files.check_upload_name(filename)
+    await state.kernel.check_upload(workflow_name, filename)
     # Query strings are text: convert them to the task's types, and refuse bad ones before
     # a single byte of the upload lands anywhere.
     processor = state.kernel.manager.workflows[workflow_name].processor
@@ -82,8 +82,8 @@ async def _upload(request: Request, workflow_name: str) -> Response:
 
 async def _stage(request: Request, staging: Path, limit_bytes: int) -> Path:
     """Stream the body to a staging file; 413 (and no file left) past `limit_bytes`."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+    declared = declared_length(request.headers.get("content-length"))
+    if declared is not None and declared > limit_bytes:
         raise ApiError(413, f"the upload is over the limit of {limit_bytes} bytes")
     path = staging / f"upload-{secrets.token_hex(8)}"
     size = 0

@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters.config import Settings, token_name, token_secret
-from adapters.http.errors import ApiError, problem_response
+from adapters.http.errors import ApiError, declared_length, problem_response
 
 TOKEN_FILE = ".api-token"
 PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/openapi.json", "/docs", "/"})
@@ -62,7 +62,7 @@ class TokenAuth:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = route_path(scope)
         public = path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES) or \
             (path == "/metrics" and self.metrics_public)
         actor = self.actor(scope) if self.enabled else "anonymous"
@@ -94,6 +94,16 @@ class TokenAuth:
         return found
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path inside this app: without the prefix it is mounted under (an
+    embedding app's `Mount("/multiflow", app)`, which leaves the prefix in `path`)."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
+
+
 class RateLimit:
     """ASGI middleware: a token bucket per client (its token's name, else its address)."""
 
@@ -104,7 +114,7 @@ class RateLimit:
         self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+        if scope["type"] != "http" or not route_path(scope).startswith("/api/"):
             await self.app(scope, receive, send)
             return
         wait_s = self.take(self.client_key(scope))
@@ -146,8 +156,8 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
     Read from the ASGI messages themselves: Starlette's `stream()` generator cost more
     than the rest of reading a small JSON body.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+    declared = declared_length(request.headers.get("content-length"))
+    if declared is not None and declared > limit_bytes:
         raise ApiError(413, f"the body is over the limit of {limit_bytes} bytes")
     chunks: list[bytes] = []
     size = 0

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx2
 import pytest
 
-from tests.e2e.serverkit import Server, unique
+from tests.e2e.serverkit import Server, launch, unique
 
 UPLOAD_MAX_BYTES = 64 * 1024  # the session server's MULTIFLOW_UPLOAD_MAX_BYTES
 
@@ -74,3 +78,30 @@ def test_an_upload_at_the_limit_is_taken(server: Server) -> None:
     job = server.wait_job(made.json()["id"])
     assert job["result"]["size"] == UPLOAD_MAX_BYTES
     assert server.staged_files() == []
+
+
+def test_an_upload_cut_short_by_a_kill_is_swept_at_the_next_start(tmp_path: Path) -> None:
+    """A server killed mid-upload (OOM, a power cut) leaves the upload's staging file;
+    the next start on the same data root removes it before the API answers (up to
+    upload_max_bytes each, they were left for ever)."""
+    settings = {"watchers": "false", "upload_max_bytes": str(1024 * 1024)}
+    server = launch(tmp_path / "s", **settings)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(
+                f"POST /api/echo/process?filename=big.bin HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {server.token}\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: 900000\r\n\r\n"
+                .encode() + b"a" * 300_000)
+            deadline = time.monotonic() + 5
+            while not server.staged_files() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.staged_files(), "the upload never reached staging"
+            server.stop(signal.SIGKILL)
+    finally:
+        server.stop(signal.SIGKILL)
+    again = launch(tmp_path / "s", **settings)  # the same data root
+    try:
+        assert again.staged_files() == []
+    finally:
+        again.stop()
