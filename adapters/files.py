@@ -29,7 +29,7 @@ from kernel.state import Job, Status
 from kernel.task import BaseProcessor
 
 log = structlog.get_logger("multiflow.files")
-ERROR_SUFFIX = ".error.json"
+ERROR_SUFFIX = layout.REPORT_SUFFIX
 CLAIMS_REMEMBERED = 4096  # durable claims kept, so that a job's second claim costs nothing
 SCANS_AT_ONCE = 4  # intake checks waiting on the virus scanner at once (each in a thread)
 
@@ -253,8 +253,8 @@ class HotFolders:
 
         A file in processing/ that no active job owns is settled like its finished job, or,
         when the log does not know it, goes back to input/. A file in input/ whose latest
-        job was refused or cancelled there (and whose error/ copy does not exist) is
-        settled to error/ too, instead of becoming new work.
+        job was refused or cancelled there before it started (no error/ copy, the file no
+        newer than that end) is settled to error/ too, instead of becoming new work.
         """
         self.ensure_layout(workflow_name)
         strays, waiting = await anyio.to_thread.run_sync(self._sweep, workflow_name, active)
@@ -271,10 +271,27 @@ class HotFolders:
         candidates = [relative for name in waiting if _is_utf8(name)
                       and (relative := layout.input_path(workflow_name, name)) not in owned]
         latest = await jobs.latest_jobs(workflow_name, candidates)
-        for job in latest.values():
-            if job.status in (Status.FAILED, Status.CANCELLED) and \
-                    not self.absolute(job.current_path).exists():
-                await self.settle(job)
+        ended = [job for job in latest.values() if job.status in (Status.FAILED, Status.CANCELLED)]
+        for job in await anyio.to_thread.run_sync(self._left_in_input, ended):
+            await self.settle(job)
+
+    def _left_in_input(self, jobs: Sequence[Job]) -> list[Job]:
+        """The jobs whose file in input/ is theirs, left there by a crash before its move:
+        jobs that never started (refused or cancelled while pending) whose error/ copy does
+        not exist, and whose file is no newer than their end. A file dropped since (the
+        fixed version of a file that failed, say) is new work, whatever the name."""
+        left = []
+        for job in jobs:
+            if job.attempts or job.finished_at is None or \
+                    os.path.exists(self._path(job.current_path)):
+                continue
+            try:
+                written = os.stat(self._path(job.file_path)).st_mtime
+            except OSError:
+                continue
+            if written <= job.finished_at.timestamp():
+                left.append(job)
+        return left
 
     def context(self, job: Job, config: WorkflowConfig, progress: ProgressSink,
                 cancelled: Callable[[], bool]) -> FileJobContext:
@@ -291,18 +308,24 @@ class HotFolders:
 
     async def reject(self, workflow_name: str, name: str, reason: str, at: datetime) -> str:
         """Move a file that cannot become a job (an escaping symlink, ...) to error/ with why."""
-        stamp = f"{at:%Y%m%dT%H%M%S%f}"
-        target = self.data_dir / workflow_name / "error" / f"rejected-{stamp}--{name}"
+        prefix = f"rejected-{at:%Y%m%dT%H%M%S%f}--"
+        kept = layout.fit_name(name, layout.NAME_MAX - len(prefix) - len(ERROR_SUFFIX))
+        target = self.data_dir / workflow_name / "error" / f"{prefix}{kept}"
         source = self.data_dir / workflow_name / "input" / name
+        report_path = target.with_name(target.name + ERROR_SUFFIX)
 
         def _move() -> None:
-            move(source, target)
+            # The report first, as a job's settle does: a file in error/ always has its why.
             shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
             report = {"workflow_name": workflow_name, "file_path": f"{workflow_name}/input/{shown}",
                       "status": "rejected", "error_type": "Rejected", "message": reason,
                       "at": at.isoformat()}
-            write_bytes_atomic(target.with_name(target.name + ERROR_SUFFIX),
-                               msgspec.json.format(msgspec.json.encode(report)))
+            write_bytes_atomic(report_path, msgspec.json.format(msgspec.json.encode(report)))
+            try:
+                move(source, target)
+            except BaseException:
+                report_path.unlink(missing_ok=True)  # the file stays (or went): no report
+                raise
 
         await anyio.to_thread.run_sync(_move)
         return target.relative_to(self.data_dir).as_posix()

@@ -46,9 +46,35 @@ def input_path(workflow_name: str, name: str) -> str:
     return f"{workflow_name}/input/{name}"
 
 
+NAME_MAX = 255  # bytes in one path segment (ext4, xfs, btrfs, tmpfs)
+REPORT_SUFFIX = ".error.json"  # the failure report written beside a file in error/
+_EXTENSION_MAX = 16  # bytes of an extension kept whole when a name is shortened
+
+
+def fit_name(name: str, room: int) -> str:
+    """`name` shortened to at most `room` bytes of UTF-8, its stem cut (and marked `~`)
+    and its extension kept; a name that fits is returned as it is. Bytes that are not
+    UTF-8 (a name read with surrogateescape) count, and stay, as the bytes they are."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= room:
+        return name
+    stem, dot, extension = raw.rpartition(b".")
+    if not dot or not stem or len(extension) + 1 > _EXTENSION_MAX:
+        stem, extension = raw, b""
+    else:
+        extension = b"." + extension
+    keep = max(0, room - len(extension) - 1)
+    while 0 < keep < len(stem) and stem[keep] & 0xC0 == 0x80:
+        keep -= 1  # never split a character's bytes
+    return (stem[:keep] + b"~" + extension).decode("utf-8", "surrogateescape")
+
+
 def stored_name(job: HasFile) -> str:
-    """The file's name once it belongs to a job: `{job_id}--{name}`."""
-    return f"{job.id}--{job.file_path.rpartition('/')[2]}"
+    """The file's name once it belongs to a job: `{job_id}--{name}`, the name shortened
+    where that and its report's suffix would pass NAME_MAX (the log keeps it whole)."""
+    prefix = f"{job.id}--"
+    return prefix + fit_name(job.file_path.rpartition("/")[2],
+                             NAME_MAX - len(prefix.encode()) - len(REPORT_SUFFIX))
 
 
 def processing_path(job: HasFile) -> str:
@@ -77,4 +103,6 @@ def duplicate_path(job: HasFile, name: str, at: datetime) -> str:
     """Where the bytes of a dropped duplicate of `job`'s file are kept."""
     utc = at if at.tzinfo is UTC else at.astimezone(UTC)
     stamp = f"{utc:%Y%m%dT%H%M%S%f}"
-    return f"{job.workflow_name}/archive/duplicates/{job.id}--{stamp}--{name.rpartition('/')[2]}"
+    prefix = f"{job.id}--{stamp}--"
+    kept = fit_name(name.rpartition("/")[2], NAME_MAX - len(prefix.encode()))
+    return f"{job.workflow_name}/archive/duplicates/{prefix}{kept}"

@@ -3,6 +3,8 @@ real SQLite): what a kill -9 or a power cut between two steps would leave."""
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import adapters.files
 import adapters.fsutil
 from adapters import Kernel
-from adapters.files import ERROR_SUFFIX
+from adapters.files import ERROR_SUFFIX, HotFolders
 from kernel.config import WorkflowConfig
 from kernel.events import JobCancelled, JobCreated, JobStarted
 from kernel.state import Status, evolve
@@ -128,3 +130,28 @@ async def test_a_settled_job_is_claimed_from_the_disk_again(tmp_path: Path) -> N
     assert (tmp_path / "moves/error/J1--a.txt").exists()
     await files.claim(running)
     assert (tmp_path / "moves/processing/J1--a.txt").exists()
+
+
+async def test_a_rejected_file_is_never_in_error_without_its_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file refused before it became a job (an escaping symlink) gets its report in
+    error/ before it moves there: a crash (or ENOSPC) writing the report leaves the file
+    in input/, never a file in error/ that says nothing about why."""
+    folders = HotFolders(tmp_path / "data")
+    folders.ensure_layout("hot")
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"x")
+    os.symlink(outside, tmp_path / "data" / "hot" / "input" / "link.txt")
+
+    def crash(target: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device (or: the process died here)")
+
+    monkeypatch.setattr(adapters.files, "write_bytes_atomic", crash)
+    with pytest.raises(OSError):
+        await folders.reject("hot", "link.txt", "resolves outside input/", datetime.now(UTC))
+    error_dir = tmp_path / "data" / "hot" / "error"
+    in_error = sorted(p.name for p in error_dir.iterdir())
+    reports = [n for n in in_error if n.endswith(".error.json")]
+    files = [n for n in in_error if not n.endswith(".error.json")]
+    assert not files or reports, f"error/ holds {files} with no report beside it"

@@ -31,7 +31,7 @@ from adapters.watch import BaseWatcher, WatchfilesWatcher
 from kernel.config import WorkflowConfig
 from kernel.events import JobCreated, JobDuplicateReceived
 from kernel.state import Job, Status
-from kernel.task import BaseProcessor, JobContext
+from kernel.task import BaseProcessor, JobContext, JobError
 
 pytestmark = pytest.mark.anyio
 
@@ -681,3 +681,60 @@ async def test_closing_the_kernel_does_not_wait_for_the_watchfiles_timeout(
         closing_at = anyio.current_time()
     closed_in_s = anyio.current_time() - closing_at
     assert closed_in_s < 1.0, f"closing took {closed_in_s:.1f}s"
+
+
+# Vietnamese words with diacritics (1-3 UTF-8 bytes a character) up to 240 bytes, + ".txt":
+# a legal name on ext4/xfs (NAME_MAX 255) that an operator can create and drop.
+LONG_NAME = ("báo cáo tài chính quý ba năm hai nghìn hai mươi lăm " * 10).encode()[:236] \
+    .decode("utf-8", "ignore") + ".txt"
+
+
+async def test_a_name_near_the_filesystems_limit_goes_through_and_the_server_starts_again(
+        tmp_path: Path) -> None:
+    """The job's `{job_id}--name` (and `.error.json` beside it) would pass 255 bytes: the
+    name is shortened on disk (the log keeps it whole), the job completes, and the next
+    start finds nothing to redo (every attempt failed with ENAMETOOLONG, the file stuck in
+    input/, and the next start failed on it)."""
+    assert 230 < len(LONG_NAME.encode()) <= 255
+    async with hot_folder(tmp_path, Digest(), settle_ms=50, max_attempts=1) as hot:
+        hot.drop(LONG_NAME, b"quarterly numbers\n")
+        job = await hot.kernel.wait((await hot.job_of(LONG_NAME)).id, timeout_s=WAIT_S)
+        assert job.status is Status.COMPLETED, job.error
+        assert job.file_path.endswith(LONG_NAME)
+        assert (hot.data_dir / job.current_path).read_bytes() == b"quarterly numbers\n"
+    async with hot_folder(tmp_path, Digest(), settle_ms=50, max_attempts=1) as hot:
+        await anyio.sleep(0.5)
+        assert len(await hot.created_for(LONG_NAME)) == 1
+        assert hot.files("input") == []
+
+
+class RefusesV1(BaseProcessor):
+    def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
+        if ctx.input_path.read_bytes() == b"v1 broken\n":
+            raise JobError("BadInput", "v1 is broken", retryable=False)
+        return {"ok": True}
+
+
+async def test_a_fixed_file_dropped_while_the_server_was_down_becomes_a_job(
+    tmp_path: Path,
+) -> None:
+    """orders.csv failed last week; the operator read error/, deleted the file and its
+    .error.json, stopped the server for a deploy, and dropped the fixed orders.csv.
+    At start the new file becomes a job (it was filed in error/ under the old job, whose
+    file it took for one a crash had left in input/)."""
+    async with hot_folder(tmp_path, RefusesV1(), settle_ms=50) as hot:
+        hot.drop("orders.csv", b"v1 broken\n")
+        old = await hot.finished("orders.csv")
+        assert old.status is Status.FAILED
+        for path in hot.files("error"):  # handled: the operator cleans error/ up
+            path.unlink()
+    inbox = tmp_path / "data" / "hot" / "input"
+    (inbox / "orders.csv").write_bytes(b"v2 fixed\n")  # dropped while the server is down
+    async with hot_folder(tmp_path, RefusesV1(), settle_ms=50) as hot:
+        await anyio.sleep(1.5)
+        created = await hot.created_for("orders.csv")
+        where = {p.relative_to(hot.root).as_posix(): p.read_bytes() for p in hot.files("error")
+                 if not p.name.endswith(".json")}
+    assert len(created) == 2, (
+        f"the fixed file got no job; {len(created)} job(s) for orders.csv; it now lies in "
+        f"error/ as {where}")

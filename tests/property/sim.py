@@ -305,7 +305,8 @@ class SimFiles:
 
         `jobs` is the port's JobLookup: a file in processing/ that no active job owns is
         settled like its finished job, or returned to input/; a file in input/ whose latest
-        job failed or was cancelled, and whose error/ copy does not exist, is settled too.
+        job was refused or cancelled before it started, and whose error/ copy does not
+        exist, is settled too (the fake disk has no times: no file is dropped again).
         """
         lookup = jobs.get_job
         owned = {layout.stored_name(job) for job in active}
@@ -326,7 +327,7 @@ class SimFiles:
         waiting = sorted(p for p in self.disk if p.startswith(inbox)
                          and p not in {job.file_path for job in active})
         for latest in (await jobs.latest_jobs(workflow_name, waiting)).values():
-            if latest.status in (Status.FAILED, Status.CANCELLED) \
+            if latest.status in (Status.FAILED, Status.CANCELLED) and not latest.attempts \
                     and latest.current_path not in self.disk:
                 await self.settle(latest)
 

@@ -9,10 +9,11 @@ the store outages and the interrupted job, and the file left in input/.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -488,7 +489,10 @@ async def test_a_job_cancelled_before_its_claim_is_settled_at_recovery(tmp_path:
     """The process died between a durable JobCancelled and the file's move to error/."""
     store, files, clock = MemoryEventStore(), HotFolders(tmp_path), SimClock()
     files.ensure_layout(WF)
-    (tmp_path / WF / "input" / "a.pdf").write_bytes(b"%PDF-1.4 ... %%EOF")
+    dropped = tmp_path / WF / "input" / "a.pdf"
+    dropped.write_bytes(b"%PDF-1.4 ... %%EOF")
+    written_s = (clock.now() - timedelta(minutes=1)).timestamp()  # before the cancel
+    os.utime(dropped, (written_s, written_s))
     await crashed_log(store, clock, started=False)
     job = await recovered(store, files, clock)
     assert job.status is Status.CANCELLED
