@@ -203,6 +203,16 @@ class BaseWatcher:
         return settle_s - (now - seen.since)
 
     async def _submit(self, name: str, identity: tuple[int, int]) -> None:
+        """Make a job of one ready file. Whatever goes wrong with one file (the store away,
+        a bug) is logged and left to the next scan: it never ends the watcher, nor the
+        submits of the other files beside it."""
+        try:
+            await self._submit_one(name, identity)
+        except Exception as exc:
+            log.warning("watch_submit_failed", workflow_name=self.workflow_name, name=name,
+                        error=f"{type(exc).__name__}: {exc}")
+
+    async def _submit_one(self, name: str, identity: tuple[int, int]) -> None:
         key = None
         if self.config.dedupe:
             # Only a regular file is hashed: a link (to a FIFO, to /dev/zero) is judged by
@@ -293,13 +303,15 @@ def _any_of(patterns: Sequence[str]) -> re.Pattern[str]:
 
 
 def sha256_of_regular(path: Path) -> str | None:
-    """The sha256 of a regular file (not followed through a link); None for anything else."""
+    """The sha256 of a regular file (not followed through a link); None for anything else,
+    and for a file that cannot be read (its submit then finds why: intake refuses an
+    unreadable file to error/, a vanished one is gone)."""
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return None
-    except FileNotFoundError:
+        return sha256_of(path)
+    except OSError:
         return None
-    return sha256_of(path)
 
 
 def sha256_of(path: Path) -> str:

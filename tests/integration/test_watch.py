@@ -26,6 +26,7 @@ import anyio
 import pytest
 import structlog
 
+import adapters.watch
 from adapters import Kernel
 from adapters.watch import BaseWatcher, WatchfilesWatcher
 from kernel.config import WorkflowConfig
@@ -738,3 +739,38 @@ async def test_a_fixed_file_dropped_while_the_server_was_down_becomes_a_job(
     assert len(created) == 2, (
         f"the fixed file got no job; {len(created)} job(s) for orders.csv; it now lies in "
         f"error/ as {where}")
+
+
+async def test_a_file_that_cannot_be_hashed_or_submitted_does_not_stop_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dedupe on, a file the server may not read (an SFTP user's 0600 upload) and a
+    submit that fails for one file (a bug, a store error) are that file's own trouble:
+    the watcher keeps running and the other files become jobs (a PermissionError while
+    hashing used to end the watcher, and every restart died on it again)."""
+    hashed = adapters.watch.sha256_of
+
+    def sha256_of(path: Path) -> str:
+        if path.name == "private.csv":
+            raise PermissionError(13, "Permission denied", str(path))
+        return hashed(path)
+
+    monkeypatch.setattr(adapters.watch, "sha256_of", sha256_of)
+    async with hot_folder(tmp_path, Noop(), settle_ms=50, dedupe=True) as hot:
+        real_submit = hot.watcher.submit
+
+        async def submit(name: str, completeness: str, key: str | None) -> str | None:
+            if name == "broken.csv":
+                raise RuntimeError("a submit that fails for this file only")
+            return await real_submit(name, completeness, key)
+
+        hot.watcher.submit = submit  # type: ignore[method-assign]
+        for index in range(10):
+            hot.drop(f"good-{index:02d}.csv", f"{index}\n".encode())
+        hot.drop("private.csv", b"secret\n")
+        hot.drop("broken.csv", b"x\n")
+        for index in range(10):
+            await hot.job_of(f"good-{index:02d}.csv")
+        private = await hot.job_of("private.csv")  # submitted without a key
+        assert private.idempotency_key is None
+        assert hot.watcher.restarts == 0
+        assert (hot.inbox / "broken.csv").exists()  # left for the next scan
