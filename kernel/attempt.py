@@ -133,7 +133,9 @@ async def _call(attempt: Attempt, processor: BaseProcessor, config: WorkflowConf
     except JobError as exc:
         return Outcome(error_type=_text(exc.error_type), message=_text(exc.message),
                        traceback=_excerpt(exc), retryable=exc.retryable)
-    except Exception as exc:  # the job boundary: a processor's failure becomes an event
+    except (Exception, SystemExit) as exc:  # the job boundary: a failure becomes an event
+        # SystemExit too: a processor's `sys.exit` (argparse refusing an option, a CLI
+        # helper) ends its job, not the server (which would then retry it on every start).
         return Outcome(error_type=type(exc).__name__, message=_text(str(exc) or repr(exc)),
                        traceback=_excerpt(exc))
     finally:

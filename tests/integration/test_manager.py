@@ -426,3 +426,34 @@ async def test_duplicate_error_is_translated_for_direct_store_users(tmp_path: Pa
                 job_id="other", at=job.created_at, workflow_name="off",
                 file_path=job.file_path)], 0)
     assert dup.value.existing_job_id == job.id
+
+
+class Exits(BaseProcessor):
+    """Wraps a command-line tool whose argument parser gives up: `sys.exit(2)`."""
+
+
+    def process(self, ctx: JobContext, task: BaseTask) -> dict[str, Any]:
+        raise SystemExit(2)
+
+
+class ExitsOnTheLoop(BaseProcessor):
+    async def process(self, ctx: JobContext, task: BaseTask) -> dict[str, Any]:
+        raise SystemExit("usage: convert --dpi N")
+
+
+@pytest.mark.parametrize("processor", [Exits(), ExitsOnTheLoop()], ids=["thread", "async"])
+async def test_a_processor_that_calls_sys_exit_fails_its_job_not_the_server(
+        tmp_path: Path, processor: BaseProcessor) -> None:
+    """SystemExit from a processor is its job's failure (it used to end the event loop:
+    the server exited, and every restart retried the job and exited again)."""
+    async with Kernel.open(data_dir=tmp_path) as kernel:
+        kernel.register_workflow("cli", processor, config=WorkflowConfig(max_attempts=1))
+        kernel.register_workflow("up", Upper())
+        await kernel.ready()
+        drop(tmp_path, "cli", "a.txt")
+        drop(tmp_path, "up", "b.txt")
+        failed = await kernel.wait((await kernel.submit("cli", "a.txt")).id, timeout_s=10)
+        assert failed.status is Status.FAILED and failed.error is not None
+        assert failed.error.type == "SystemExit"
+        done = await kernel.wait((await kernel.submit("up", "b.txt")).id, timeout_s=10)
+        assert done.status is Status.COMPLETED  # the server goes on
