@@ -93,6 +93,18 @@ class Batch:
         job = self.ledger.active.get(job_id)
         return job if job is not None else self.load_job(job_id)
 
+    def try_prepare(self, job_id: str, events: Sequence[Event], expected_version: int
+                    ) -> list[Row] | StoreError:
+        """`prepare`, with a refusal returned instead of raised: the append's own error, or
+        a StoreError for events that cannot be encoded (a value msgspec refuses, a result
+        nested past the recursion limit). One such append never fails its neighbours."""
+        try:
+            return self.prepare(job_id, events, expected_version)
+        except StoreError as exc:
+            return exc
+        except Exception as exc:
+            return StoreError(f"the event cannot be stored: {type(exc).__name__}: {exc}"[:2000])
+
     def prepare(self, job_id: str, events: Sequence[Event], expected_version: int) -> list[Row]:
         """Check one append and stage its rows; raises without staging anything."""
         job = self.current(job_id)

@@ -80,15 +80,8 @@ class MemoryEventStore:
         batch = self._ledger.begin(self._jobs.get, lambda wf, key: self._keys.get((wf, key)))
         results: list[list[StoredEvent] | StoreError] = []
         for item in appends:
-            try:
-                rows = batch.prepare(item.job_id, item.events, item.expected_version)
-            except StoreError as exc:
-                results.append(exc)
-                continue
-            except (ValueError, TypeError) as exc:  # an event that cannot be encoded
-                results.append(StoreError(f"the event cannot be stored: {exc}"))
-                continue
-            results.append([row.stored for row in rows])
+            rows = batch.try_prepare(item.job_id, item.events, item.expected_version)
+            results.append(rows if isinstance(rows, StoreError) else [r.stored for r in rows])
         self._ledger.commit(batch)
         for job in batch.jobs.values():
             self._jobs[job.id] = job

@@ -674,13 +674,9 @@ async def _migrate(pool: AsyncConnectionPool, schema_name: str) -> None:
 
 def _stage(batch: Batch, request: Request) -> bool:
     """Prepare one append in the batch; False (and `request.error` set) if refused."""
-    try:
-        rows = batch.prepare(request.job_id, request.events, request.expected_version)
-    except StoreError as exc:
-        request.error = exc
-        return False
-    except (ValueError, TypeError) as exc:  # an event that cannot be encoded
-        request.error = StoreError(f"the event cannot be stored: {exc}")
+    rows = batch.try_prepare(request.job_id, request.events, request.expected_version)
+    if isinstance(rows, StoreError):
+        request.error = rows
         return False
     request.result = [row.stored for row in rows]
     return True

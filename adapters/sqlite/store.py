@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import aiosqlite
 import anyio
 import anyio.lowlevel
-import msgspec
 
 from adapters.groupcommit import GroupCommitter, PendingAppend
 from adapters.ledger import Batch, Ledger
@@ -128,13 +127,9 @@ class SqliteEventStore:
         batch = self._ledger.begin(known.get, self._load_key)
         accepted: list[PendingAppend] = []
         for request in requests:
-            try:
-                rows = batch.prepare(request.job_id, request.events, request.expected_version)
-            except StoreError as exc:
-                request.error = exc
-                continue
-            except (ValueError, TypeError, msgspec.EncodeError) as exc:  # cannot be encoded
-                request.error = StoreError(f"the event cannot be stored: {exc}")
+            rows = batch.try_prepare(request.job_id, request.events, request.expected_version)
+            if isinstance(rows, StoreError):
+                request.error = rows
                 continue
             request.result = [row.stored for row in rows]
             accepted.append(request)

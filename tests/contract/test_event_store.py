@@ -489,6 +489,25 @@ async def test_append_batch_appends_succeed_or_fail_each_on_its_own(store: Event
     await assert_read_model_is_replay(store)
 
 
+async def test_an_event_that_cannot_be_encoded_is_refused_alone(store: EventStore) -> None:
+    """A result nested past the recursion limit (a hostile file's parse tree) refuses its
+    own append with a StoreError; the appends beside it are stored (it failed the whole
+    group, reported as the store being unavailable, and was retried for ever)."""
+    tree: list[object] = []
+    for _ in range(5000):
+        tree = [tree]
+    await create(store, "A", name="a.pdf")
+    await store.append("A", [started("A")], 1)
+    deep = JobCompleted(job_id="A", at=at(3), attempt=1, result={"tree": tree})
+    b, a = await store.append_batch([Append("B", [created("B", name="b.pdf")], 0),
+                                     Append("A", [deep], 2)])
+    assert isinstance(a, StoreError) and not isinstance(a, StoreUnavailable)
+    assert "cannot be stored" in str(a)
+    assert not isinstance(b, StoreError)
+    assert (await store.get_job("A")).status is Status.RUNNING  # type: ignore[union-attr]
+    await assert_read_model_is_replay(store)
+
+
 async def test_append_batch_sees_the_appends_before_it_in_the_batch(store: EventStore) -> None:
     """Later appends of a batch see earlier ones: a freed file, a used key, a new version."""
     await create(store, "A", name="a.pdf")

@@ -457,3 +457,27 @@ async def test_a_processor_that_calls_sys_exit_fails_its_job_not_the_server(
         assert failed.error.type == "SystemExit"
         done = await kernel.wait((await kernel.submit("up", "b.txt")).id, timeout_s=10)
         assert done.status is Status.COMPLETED  # the server goes on
+
+
+class DeepResult(BaseProcessor):
+    """Returns the parse tree of a hostile input: 5,000 levels deep."""
+
+    async def process(self, ctx: JobContext, task: BaseTask) -> dict[str, Any]:
+        tree: list[Any] = []
+        for _ in range(5000):
+            tree = [tree]
+        return {"tree": tree}
+
+
+async def test_a_job_whose_result_cannot_be_stored_ends_as_outcome_refused(
+        tmp_path: Path) -> None:
+    """The log refuses the result; the job fails once, as OutcomeRefused (its outcome was
+    taken for a store outage and retried for ever, the job running until a restart)."""
+    async with Kernel.open(data_dir=tmp_path, drain_grace_s=0) as kernel:
+        kernel.register_workflow("deep", DeepResult(), config=WorkflowConfig(max_attempts=3))
+        await kernel.ready()
+        drop(tmp_path, "deep", "a.txt")
+        done = await kernel.wait((await kernel.submit("deep", "a.txt")).id, timeout_s=10)
+    assert done.status is Status.FAILED and done.error is not None
+    assert done.error.type == "OutcomeRefused" and "cannot be stored" in done.error.message
+    assert done.attempts == 1
