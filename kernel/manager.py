@@ -201,6 +201,12 @@ class JobManager(IntakeDuties, ClusterDuties):
         events = decide(None, command)
         try:
             stored = await self.store.append(command.job_id, events, 0)
+        except anyio.get_cancelled_exc_class():
+            # The caller gave up (a timeout around submit) while the append was in the
+            # group commit, which writes it all the same: queue the job if it landed.
+            if self._tg is not None:
+                self._tg.start_soon(self._adopt, command.job_id, events)
+            raise
         except DuplicateJob as dup:
             existing = await self.store.get_job(dup.existing_job_id)
             if existing is None:
@@ -216,8 +222,27 @@ class JobManager(IntakeDuties, ClusterDuties):
         self._admit(job)
         return Submitted(job, True)
 
+    async def _adopt(self, job_id: str, events: list[Event]) -> None:
+        """Queue the job of a submit cancelled while its append was being written. The
+        same append again is ordered after it: refused if it landed, made if it did not
+        (its caller gave up on it, but the file in input/ is still there to run)."""
+        try:
+            with contextlib.suppress(DuplicateJob, ConcurrencyConflict):
+                await self.store.append(job_id, events, 0)
+            job = await self.store.get_job(job_id)
+        except StoreError:
+            return  # the watcher's next scan (or the next start) queues it
+        if job is not None and job.status is Status.PENDING and job_id not in self._jobs:
+            self._jobs[job_id] = job
+            self._admit(job)
+
     async def cancel(self, job_id: str, *, actor: str, reason: str = "") -> Job:
         """Cancel a pending or running job; a running processor is stopped."""
+        with anyio.CancelScope(shield=True):  # once appended, the rest must follow
+            job = await self._cancel(job_id, actor=actor, reason=reason)
+        return job
+
+    async def _cancel(self, job_id: str, *, actor: str, reason: str) -> Job:
         before: list[Job] = []
 
         def command(job: Job) -> CancelJob:
@@ -243,9 +268,10 @@ class JobManager(IntakeDuties, ClusterDuties):
 
     async def retry(self, job_id: str, *, actor: str, reason: str = "") -> Job:
         """Send a finally failed or cancelled job back to the queue (one more attempt)."""
-        job = await self._decide_and_append(job_id, lambda job: RetryJob(
-            job_id=job_id, at=self.clock.now(), actor=actor, reason=reason))
-        self._admit(job)
+        with anyio.CancelScope(shield=True):  # once appended, it must be queued
+            job = await self._decide_and_append(job_id, lambda job: RetryJob(
+                job_id=job_id, at=self.clock.now(), actor=actor, reason=reason))
+            self._admit(job)
         return job
 
     async def record_duplicate(self, job_id: str, *, file_path: str, stored_path: str,

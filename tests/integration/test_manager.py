@@ -17,7 +17,7 @@ from adapters.files import FileNotInInput, PathOutsideRoot
 from kernel.config import WorkflowConfig
 from kernel.decide import Rejected
 from kernel.events import JobProgress
-from kernel.ports import DuplicateJob
+from kernel.ports import DuplicateJob, JobQuery
 from kernel.state import Status
 from kernel.task import BaseProcessor, BaseTask, JobContext, JobError
 
@@ -481,3 +481,36 @@ async def test_a_job_whose_result_cannot_be_stored_ends_as_outcome_refused(
     assert done.status is Status.FAILED and done.error is not None
     assert done.error.type == "OutcomeRefused" and "cannot be stored" in done.error.message
     assert done.attempts == 1
+
+
+async def test_a_job_created_by_a_cancelled_submit_still_runs(tmp_path: Path) -> None:
+    """A caller that gives up on `submit` (a timeout) while its JobCreated is in the group
+    commit: the commit lands all the same, and the job runs (it stayed pending, in
+    neither the intake nor the queue, until a restart)."""
+    async with Kernel.open(data_dir=tmp_path) as kernel:
+        kernel.register_workflow("up", Upper())
+        await kernel.ready("up")
+        drop(tmp_path, "up", "a.txt")
+        with anyio.move_on_after(0):
+            await kernel.submit("up", "a.txt")
+        with anyio.fail_after(5):
+            while not (jobs := await kernel.store.list_jobs(JobQuery(limit=10))).items:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        done = await kernel.wait(jobs.items[0].id, timeout_s=5)
+        assert done.status is Status.COMPLETED
+        assert len((await kernel.store.list_jobs(JobQuery(limit=10))).items) == 1
+
+
+async def test_a_job_retried_by_a_cancelled_call_still_runs(tmp_path: Path) -> None:
+    """The same for `retry`: once JobRetried is written, the job is queued, whatever the
+    caller does meanwhile."""
+    async with Kernel.open(data_dir=tmp_path) as kernel:
+        kernel.register_workflow("fails", Failing(), config=WorkflowConfig(max_attempts=1))
+        await kernel.ready("fails")
+        drop(tmp_path, "fails", "a.txt")
+        failed = await kernel.wait((await kernel.submit("fails", "a.txt")).id, timeout_s=5)
+        assert failed.status is Status.FAILED
+        with anyio.move_on_after(0):
+            await kernel.retry(failed.id, actor="ops")
+        again = await kernel.wait(failed.id, timeout_s=5)
+        assert again.attempts == 2  # it ran once more (and failed again)
