@@ -28,12 +28,12 @@ from adapters.memory import MemoryEventStore
 from adapters.metrics import Metrics
 from adapters.observe import Observer
 from adapters.sqlite import SqliteEventStore
-from adapters.watch import BaseWatcher, Submit, WatchfilesWatcher
+from adapters.watch import LATER, BaseWatcher, Submit, WatchfilesWatcher
 from kernel.config import WorkflowConfig
 from kernel.decide import Rejected
 from kernel.manager import JobManager, Submitted, Workflow
 from kernel.ports import Clock, Cluster, Entropy, EventStore, Executor, JobPage, JobQuery
-from kernel.state import Job, StoredEvent
+from kernel.state import Job, Status, StoredEvent
 from kernel.task import BaseProcessor
 
 DEFAULT_DRAIN_GRACE_S = 30.0
@@ -77,7 +77,10 @@ class Kernel:
         self.scanner: ClamdClient | None = None
         self.observer: Observer | None = None
         self._api_owned: dict[tuple[str, str], int] = {}  # uploads being placed, by name
-        self._watcher_scopes: list[anyio.CancelScope] = []  # uploads being placed by the API
+        # Names dropped again while their job ran, by that job: looked at when it ends.
+        self._waiting_for: dict[str, tuple[str, str]] = {}
+        self.files.on_settled = self._settled
+        self._watcher_scopes: list[anyio.CancelScope] = []  # one per running watcher
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -219,11 +222,24 @@ class Kernel:
             job = submitted.job
             own_file = job.is_active and \
                 job.file_path == self.files.input_file_path(workflow_name, name)
+            if own_file and not submitted.created and \
+                    (job.status is Status.RUNNING or job.attempts > 0):
+                # The name's job has its file in processing/ (running, or waiting for a
+                # retry): this is a new file under that name. It waits for that job to end.
+                self._waiting_for[job.id] = (workflow_name, name)
+                log.info("file_waits_for_its_names_job", workflow_name=workflow_name,
+                         name=name, job_id=job.id)
+                return LATER
             if not submitted.created and key is not None and not own_file:
                 await self._keep_duplicate(job, name, key)  # same bytes as an earlier job
             return job.id
 
         return submit
+
+    def _settled(self, job: Job) -> None:
+        waiting = self._waiting_for.pop(job.id, None)
+        if waiting is not None and waiting[0] in self.watchers:
+            self.watchers[waiting[0]].notice([waiting[1]], changed=True)
 
     async def _keep_duplicate(self, job: Job, name: str, key: str) -> None:
         stored = await self.files.keep_duplicate(job, name, utc_now())

@@ -80,6 +80,9 @@ class HotFolders:
         self._claimed: dict[str, int] = {}
         # Claims on their way: a second claim of the same attempt waits for the first.
         self._claiming: dict[str, tuple[int, Done]] = {}
+        # Told of each job whose file has settled (the Kernel wakes the watcher of a name
+        # that waited for that job to end).
+        self.on_settled: Callable[[Job], None] | None = None
 
     def ensure_layout(self, workflow_name: str) -> None:
         """Create the workflow's five folders."""
@@ -246,6 +249,8 @@ class HotFolders:
         except OSError:
             log.exception("settle_failed", job_id=job.id, workflow_name=job.workflow_name,
                           target=job.current_path)
+        if self.on_settled is not None and not job.is_active:
+            self.on_settled(job)
 
     async def reconcile(self, workflow_name: str, active: Sequence[Job],
                         jobs: JobLookup) -> None:

@@ -35,7 +35,11 @@ SUBMITS_IN_FLIGHT = 64
 HEALTHY_RUN_S = 60.0  # a run this long resets the restart backoff
 RUST_TIMEOUT_MS = 250  # how often watchfiles' thread looks at its stop event
 
-# submit(name, completeness, idempotency_key) -> job id, or None when the file was refused
+# submit(name, completeness, idempotency_key) -> the job id; None when the file will never
+# be a job as it is (refused to error/, gone, made a job by the API); LATER when it must
+# wait (the name's previous job still runs): the name is looked at again when that job
+# ends (`notice`) or at the next scan, its marker kept.
+LATER = "later"
 Submit = Callable[[str, str, str | None], Awaitable[str | None]]
 
 
@@ -221,10 +225,13 @@ class BaseWatcher:
             key = None if digest is None else "sha256:" + digest
         completeness = "marker" if self.config.marker else f"stable:{self.config.settle_ms}ms"
         job_id = await self.submit(name, completeness, key)
-        if job_id is None:
+        if job_id == LATER:
             return
-        self._submitted[name] = identity
+        if job_id is not None:
+            self._submitted[name] = identity
         if self.config.marker:
+            # Done with: a job was made, or the file will never be one. A marker left
+            # behind would vouch for the next file of that name while it is being written.
             (self.inbox / (name + MARKER_SUFFIX)).unlink(missing_ok=True)
 
     # -- file system, in worker threads ------------------------------------------------

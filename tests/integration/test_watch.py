@@ -774,3 +774,74 @@ async def test_a_file_that_cannot_be_hashed_or_submitted_does_not_stop_the_other
         assert private.idempotency_key is None
         assert hot.watcher.restarts == 0
         assert (hot.inbox / "broken.csv").exists()  # left for the next scan
+
+
+class Reading(Gate):
+    """A Gate that keeps the bytes of each input it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[bytes] = []
+
+    async def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
+        self.inputs.append(ctx.input_path.read_bytes())
+        return await super().process(ctx, task)
+
+
+@pytest.mark.parametrize("mode", ["settle", "marker"])
+async def test_a_file_dropped_while_its_names_job_runs_becomes_the_next_job(
+        tmp_path: Path, mode: str) -> None:
+    """export.csv lands again while the previous export.csv's job runs (its file in
+    processing/): the new file waits, marker and all, and becomes a job of its own as
+    soon as that job ends (it was taken for the running job's file: never a job in
+    marker mode, not before a restart otherwise)."""
+    gate = Reading()
+    marker = mode == "marker"
+    async with hot_folder(tmp_path, gate, settle_ms=50, marker=marker) as hot:
+        hot.drop("export.csv", b"monday\n")
+        if marker:
+            hot.drop("export.csv.done", b"")
+        first = await hot.job_of("export.csv")
+        with anyio.fail_after(WAIT_S):
+            await gate.started.wait()
+        hot.rename_in("export.csv", b"tuesday\n")
+        if marker:
+            hot.drop("export.csv.done", b"")
+        await anyio.sleep(0.5)  # seen, and told to wait
+        assert len(await hot.created_for("export.csv")) == 1
+        assert not marker or (hot.inbox / "export.csv.done").exists()
+        gate.release.set()
+        await hot.kernel.wait(first.id, timeout_s=WAIT_S)
+
+        async def two_jobs() -> bool:
+            return len(await hot.created_for("export.csv")) == 2
+
+        await eventually(two_jobs, WAIT_S, "a job for the second export.csv")
+        second = [j for j in await hot.kernel.store.active_jobs("hot") if j.id != first.id]
+        if second:
+            await hot.kernel.wait(second[0].id, timeout_s=WAIT_S)
+    assert gate.inputs == [b"monday\n", b"tuesday\n"]
+
+
+async def test_a_marker_whose_file_was_rejected_does_not_vouch_for_the_next_file(
+        tmp_path: Path) -> None:
+    """scan.csv arrives as a link out of the data root, with its marker, and is refused
+    to error/: its marker goes too. The real scan.csv, being written later with no new
+    marker, is not complete and not yet a job (the old marker vouched for it)."""
+    outside = tmp_path / "outside.csv"
+    outside.write_bytes(b"elsewhere\n")
+    async with hot_folder(tmp_path, Digest(), marker=True) as hot:
+        os.symlink(outside, hot.inbox / "scan.csv")
+        (hot.inbox / "scan.csv.done").write_bytes(b"")
+
+        async def rejected() -> bool:
+            return any(p.name.endswith("--scan.csv") for p in hot.files("error"))
+
+        await eventually(rejected, WAIT_S, "the link rejected")
+        await anyio.sleep(0.3)
+        assert not (hot.inbox / "scan.csv.done").exists()
+        with open(hot.inbox / "scan.csv", "wb") as handle:  # the real file, half written
+            handle.write(b"a,b\n" * 100)
+            handle.flush()
+            await anyio.sleep(1.5)  # its writer has not written the marker yet
+            assert await hot.created_for("scan.csv") == []
