@@ -121,7 +121,7 @@ class Kernel:
         node_limit = node_concurrency or concurrency
         if node_limit is None:
             raise ValueError("set concurrency or node_concurrency: a node needs a limit")
-        manager = JobManager(event_store, files, executor or LocalExecutor(),
+        manager = JobManager(event_store, files, executor or LocalExecutor.for_jobs(node_limit),
                              clock=clock or SystemClock(), entropy=entropy or UlidEntropy(),
                              concurrency=node_limit, aging_interval_s=aging_interval_s,
                              worker_name=worker_name, cluster=cluster,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, cast
@@ -23,8 +24,18 @@ PROGRESS_POLL_S = 0.25
 class LocalExecutor:
     """Runs `async def process` on the event loop, a plain `def` in a thread or a process."""
 
-    def __init__(self, *, threads_max: int = 16) -> None:
+    def __init__(self, *, threads_max: int = 16, processes_max: int | None = None) -> None:
+        """`threads_max`/`processes_max` bound the processors running at once in threads
+        and in worker processes; sized at least to the node's concurrency (`for_jobs`), no
+        job waits for one (which would count against its timeout)."""
         self._threads = anyio.CapacityLimiter(threads_max)
+        self._processes = anyio.CapacityLimiter(processes_max or os.cpu_count() or 1)
+
+    @classmethod
+    def for_jobs(cls, concurrency: int) -> LocalExecutor:
+        """An executor with room for `concurrency` jobs at once in either runner."""
+        return cls(threads_max=max(16, concurrency),
+                   processes_max=max(os.cpu_count() or 1, concurrency))
 
     async def run(
         self, processor: BaseProcessor, ctx: JobContext, task: BaseTask, runner: str
@@ -52,10 +63,16 @@ class LocalExecutor:
                 try:
                     # cancellable: a timeout or cancel kills the worker process.
                     result, outputs = await anyio.to_process.run_sync(
-                        _process_entry, processor, detached, task, cancellable=True)
+                        _process_entry, processor, detached, task, cancellable=True,
+                        limiter=self._processes)
                 except Exception as exc:  # re-raised below, unwrapped by the task group
                     failure.append(exc)
                 tg.cancel_scope.cancel()
+            # The worker's last report (flushed as it ended) may be newer than the relay's
+            # last poll: the last progress is always recorded, a failed job's included.
+            latest = await anyio.to_thread.run_sync(read_progress, progress_file)
+            if latest is not None:
+                ctx.progress(*latest)
         finally:
             progress_file.unlink(missing_ok=True)
         if failure:

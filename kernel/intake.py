@@ -6,6 +6,8 @@ protocol, the part of the manager these methods use.
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 
 from kernel.attempt import Attempt
@@ -134,17 +136,22 @@ class IntakeDuties:
                 continue
             at = self.clock.now()
             appends = []
+            before = [attempt.sent for attempt in due]
             for attempt in due:
                 fraction, message = attempt.take_progress(now_s)
                 appends.append(Append(attempt.job.id, decide(attempt.job, ReportProgress(
                     job_id=attempt.job.id, at=at, attempt=attempt.job.attempts,
                     fraction=fraction, message=message)), attempt.job.version))
             try:
-                results = await self.store.append_batch(appends)
-            except StoreError:
-                continue  # progress is best effort; the next flush tries again
-            for attempt, result in zip(due, results, strict=True):
-                if not isinstance(result, StoreError) and not attempt.finishing:
+                results: list[Any] = await self.store.append_batch(appends)
+            except StoreError as exc:
+                results = [exc] * len(due)
+            for attempt, result, sent in zip(due, results, before, strict=True):
+                if isinstance(result, StoreError):
+                    # Not recorded: not sent either, so that the next flush (or the
+                    # outcome's commit) records it; the last value is never lost.
+                    attempt.sent = sent
+                elif not attempt.finishing:
                     attempt.job = self._apply(attempt.job, result)
 
     def _interval(self: ManagerHost, attempt: Attempt) -> float:

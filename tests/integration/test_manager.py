@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,11 @@ import pytest
 
 from adapters import Kernel
 from adapters.files import FileNotInInput, PathOutsideRoot
+from adapters.sqlite import SqliteEventStore
 from kernel.config import WorkflowConfig
 from kernel.decide import Rejected
 from kernel.events import JobProgress
-from kernel.ports import DuplicateJob, JobQuery
+from kernel.ports import Append, DuplicateJob, JobQuery, StoreUnavailable
 from kernel.state import Status
 from kernel.task import BaseProcessor, BaseTask, JobContext, JobError
 
@@ -514,3 +516,93 @@ async def test_a_job_retried_by_a_cancelled_call_still_runs(tmp_path: Path) -> N
             await kernel.retry(failed.id, actor="ops")
         again = await kernel.wait(failed.id, timeout_s=5)
         assert again.attempts == 2  # it ran once more (and failed again)
+
+
+class TakesOneSecond(BaseProcessor):
+    def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
+        import os
+
+        time.sleep(1.0)
+        return {"pid": os.getpid()}
+
+
+async def test_the_process_runner_runs_as_many_jobs_at_once_as_the_concurrency(
+        tmp_path: Path) -> None:
+    """More jobs at once than CPUs: each gets its worker process at once, none waits for
+    one inside its timeout (anyio's own limit, the CPU count, made two of them time out
+    without running late)."""
+    import os
+
+    jobs_at_once = (os.cpu_count() or 2) + 2
+    config = WorkflowConfig(runner="process", timeout_s=3.0, max_attempts=1)
+    async with Kernel.open(data_dir=tmp_path, concurrency=jobs_at_once) as kernel:
+        kernel.register_workflow("proc", TakesOneSecond(), config=config)
+        await kernel.ready()
+        ids = []
+        for i in range(jobs_at_once):
+            drop(tmp_path, "proc", f"{i}.txt")
+            ids.append((await kernel.submit("proc", f"{i}.txt")).id)
+        done = [await kernel.wait(job_id, timeout_s=60) for job_id in ids]
+    assert [d.status for d in done] == [Status.COMPLETED] * jobs_at_once, \
+        [d.error for d in done]
+    assert len({d.result["pid"] for d in done if d.result}) == jobs_at_once
+
+
+class ProgressThenFail(BaseProcessor):
+    def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
+        ctx.progress(0.7, "page 7 of 10 done")
+        raise RuntimeError("page 8 is corrupt")
+
+
+async def test_the_process_runner_keeps_the_last_progress_of_a_failed_job(
+        tmp_path: Path) -> None:
+    """The worker's last report, flushed as it ended, is recorded (the relay stopped
+    before reading it: the failed job showed no progress)."""
+    config = WorkflowConfig(runner="process", max_attempts=1, progress_interval_s=0)
+    async with Kernel.open(data_dir=tmp_path) as kernel:
+        kernel.register_workflow("proc", ProgressThenFail(), config=config)
+        await kernel.ready()
+        drop(tmp_path, "proc", "a.txt")
+        done = await kernel.wait((await kernel.submit("proc", "a.txt")).id, timeout_s=60)
+    assert done.status is Status.FAILED
+    assert (done.progress, done.progress_message) == (0.7, "page 7 of 10 done")
+
+
+class ProgressHiccup:
+    """The SQLite store, unavailable for the first progress-only batch."""
+
+    def __init__(self, inner: SqliteEventStore) -> None:
+        self._inner = inner
+        self.failures_left = 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[Any]:
+        progress_only = all(isinstance(e, JobProgress) for a in appends for e in a.events)
+        if progress_only and self.failures_left:
+            self.failures_left -= 1
+            raise StoreUnavailable("database is locked (for a moment)")
+        return await self._inner.append_batch(appends)
+
+
+class HalfThenFail(BaseProcessor):
+    def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
+        ctx.progress(0.5, "half of the pages")
+        time.sleep(0.5)  # several flush intervals: the first flush fails, nothing changes after
+        raise RuntimeError("page 6 is corrupt")
+
+
+async def test_progress_that_failed_to_flush_is_recorded_later(tmp_path: Path) -> None:
+    """A flush the store refuses for a moment leaves its progress unsent: the next flush,
+    or the outcome's commit, records it (it was marked sent, and lost)."""
+    store = ProgressHiccup(await SqliteEventStore.open(tmp_path / "log.db"))
+    config = WorkflowConfig(max_attempts=1, progress_interval_s=0.05)
+    async with Kernel.open(store, data_dir=tmp_path) as kernel:
+        kernel.register_workflow("half", HalfThenFail(), config=config)
+        await kernel.ready("half")
+        (tmp_path / "half/input/a.txt").write_bytes(b"x")
+        done = await kernel.wait((await kernel.submit("half", "a.txt")).id, timeout_s=10)
+    assert store.failures_left == 0  # the hiccup happened
+    assert done.status is Status.FAILED
+    assert (done.progress, done.progress_message) == (0.5, "half of the pages")
