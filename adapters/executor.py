@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
+import threading
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +19,8 @@ from kernel.task import BaseProcessor, BaseTask, JobContext
 
 log = structlog.get_logger("multiflow.executor")
 PROGRESS_POLL_S = 0.25
+THREAD_GRACE_S = 10.0  # a stopped thread processor's time to return before it is abandoned
+THREAD_POLL_S = 0.02
 
 
 class LocalExecutor:
@@ -45,10 +47,23 @@ class LocalExecutor:
             return await cast(Awaitable[dict[str, Any]], processor.process(ctx, task))
         if runner == "process" and isinstance(ctx, FileJobContext):
             return await self._in_process(processor, ctx, task)
-        call = functools.partial(processor.process, ctx, task)
-        # Abandoned on cancel: the thread sees ctx.cancelled and should return soon.
-        result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True,
-                                                limiter=self._threads)
+        returned = threading.Event()
+
+        def call() -> Any:
+            try:
+                return processor.process(ctx, task)
+            finally:
+                returned.set()
+
+        try:
+            result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True,
+                                                    limiter=self._threads)
+        except anyio.get_cancelled_exc_class():
+            # A timeout or a cancel: ctx.cancelled is true now, and the thread should
+            # return soon. The attempt (its slot, and any next attempt of the job) waits
+            # for it, up to a grace: a thread cannot be stopped, only abandoned.
+            await _wait_for_thread(returned, ctx.job.id)
+            raise
         return cast(dict[str, Any], result)
 
     async def _in_process(
@@ -89,6 +104,16 @@ class LocalExecutor:
                 await anyio.to_thread.run_sync(processor.cleanup, ctx, abandon_on_cancel=True)
         except Exception:
             log.exception("processor_cleanup_failed", job_id=ctx.job.id)
+
+
+async def _wait_for_thread(returned: threading.Event, job_id: str) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(THREAD_GRACE_S):
+        while not returned.is_set():  # noqa: ASYNC110 (set by an abandoned thread)
+            await anyio.sleep(THREAD_POLL_S)
+    if not returned.is_set():
+        log.warning("processor_thread_abandoned", job_id=job_id, grace_s=THREAD_GRACE_S,
+                    why="it did not return after its timeout or cancel (check ctx.cancelled "
+                        "between chunks of work); it keeps running beside other jobs")
 
 
 def _process_entry(

@@ -24,7 +24,7 @@ from adapters.fsutil import TEMP_SUFFIX, Done, FileLane, move, write_bytes_atomi
 from adapters.intake import IntakeChecker
 from kernel import layout
 from kernel.config import WorkflowConfig
-from kernel.ports import FileMissing, JobLookup, ProgressSink, Refusal
+from kernel.ports import FileChanged, FileMissing, JobLookup, ProgressSink, Refusal
 from kernel.state import Job, Status
 from kernel.task import BaseProcessor
 
@@ -59,6 +59,7 @@ class FileNotInInput(LookupError):
     """The file a submit names is not in the workflow's input/ folder."""
 
 
+ACCEPTED_REMEMBERED = 200_000  # pending files whose identity is kept for the claim's check
 STAGING_IDLE_S = 3600.0  # an upload unwritten this long was cut short by a crash
 
 
@@ -80,6 +81,9 @@ class HotFolders:
         self._claimed: dict[str, int] = {}
         # Claims on their way: a second claim of the same attempt waits for the first.
         self._claiming: dict[str, tuple[int, Done]] = {}
+        # What intake accepted of each pending job's file in input/ (inode, size, mtime):
+        # the claim moves that file only if it is still the same.
+        self._accepted: dict[str, tuple[int, int, int]] = {}
         # Told of each job whose file has settled (the Kernel wakes the watcher of a name
         # that waited for that job to end).
         self.on_settled: Callable[[Job], None] | None = None
@@ -208,7 +212,16 @@ class HotFolders:
         path = self._find(job)
         if path is None:
             return Refusal("FileMissing", f"{job.file_path} is not there any more")
-        return self.intake_checker.check(Path(path), config, processor)
+        try:
+            seen = _identity(path)  # before the checks: a change during them shows too
+        except OSError:
+            seen = None
+        refusal = self.intake_checker.check(Path(path), config, processor)
+        if refusal is None and seen is not None and path == self._path(job.file_path):
+            self._accepted[job.id] = seen
+            if len(self._accepted) > ACCEPTED_REMEMBERED:
+                del self._accepted[next(iter(self._accepted))]  # the oldest: unchecked
+        return refusal
 
     async def claim(self, job: Job) -> None:
         """Move the file of a just-started job into processing/ (idempotent); durable
@@ -244,6 +257,7 @@ class HotFolders:
         reconciliation at the next start finishes the move.
         """
         self._claimed.pop(job.id, None)
+        self._accepted.pop(job.id, None)
         try:
             await self._moves.run(lambda dirty: self._settle(job, dirty))
         except OSError:
@@ -356,10 +370,18 @@ class HotFolders:
             return
         for source in self._candidates(job):
             if source != target and os.path.isfile(source):
+                accepted = self._accepted.get(job.id)
+                if accepted is not None and source == self._path(job.file_path) and \
+                        _identity(source) != accepted:
+                    raise FileChanged(
+                        f"{job.file_path} changed after intake accepted it (replaced, or "
+                        "still being written): its bytes were not checked; drop the file "
+                        "again, complete, to process it")
                 # Durable before the processor runs: were this rename lost in a power cut
                 # after the job completed, the file would reappear in input/ as new work.
                 # (The lane fsyncs processing/ once for every claim of its batch.)
                 move(source, target, dirty=dirty)
+                self._accepted.pop(job.id, None)
                 if source == self._path(layout.error_path(job)):  # an operator's retry
                     Path(source + ERROR_SUFFIX).unlink(missing_ok=True)
                 return
@@ -409,6 +431,12 @@ class HotFolders:
             target = self.data_dir / workflow_name / "error" / path.name
         move(path, target)
         log.warning("orphan_returned", path=str(path), to=str(target))
+
+
+def _identity(path: str) -> tuple[int, int, int]:
+    """A file as intake saw it: inode, size, modification time (ns)."""
+    info = os.stat(path)
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _is_utf8(name: str) -> bool:

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from adapters.ledger import conditions
 from kernel.events import Event
 from kernel.ports import Append, StoreError, StoreUnavailable
 from kernel.state import StoredEvent
@@ -36,12 +37,14 @@ Written = Callable[[list["PendingAppend"]], None]
 class PendingAppend:
     """One append waiting in a group: what to append, and (once written) what happened."""
 
-    __slots__ = ("error", "events", "expected_version", "job_id", "result")
+    __slots__ = ("error", "events", "expected_version", "job_id", "requires", "result")
 
-    def __init__(self, job_id: str, events: Sequence[Event], expected_version: int) -> None:
+    def __init__(self, job_id: str, events: Sequence[Event], expected_version: int,
+                 requires: tuple[PendingAppend, ...] = ()) -> None:
         self.job_id = job_id
         self.events = events
         self.expected_version = expected_version
+        self.requires = requires  # stored only if these were (Append.if_all_before)
         self.result: list[StoredEvent] = []
         self.error: StoreError | None = None
 
@@ -95,7 +98,10 @@ class GroupCommitter:
 
     async def submit(self, appends: Sequence[Append]) -> list[list[StoredEvent] | StoreError]:
         """Append in the open group; each result is the stored events or the refusal."""
-        requests = [PendingAppend(a.job_id, a.events, a.expected_version) for a in appends]
+        requests: list[PendingAppend] = []
+        for append, requires in zip(appends, conditions(appends), strict=True):
+            requests.append(PendingAppend(append.job_id, append.events, append.expected_version,
+                                          tuple(requests[i] for i in requires)))
         await self._join(requests)
         return [r.error if r.error is not None else r.result for r in requests]
 

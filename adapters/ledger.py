@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from kernel.chain import GENESIS, link
 from kernel.events import Event, JobCreated, JobRetried, encode_event, event_tag
-from kernel.ports import ConcurrencyConflict, DuplicateJob, StoreError
+from kernel.ports import Append, ConcurrencyConflict, DuplicateJob, NotClaimed, StoreError
 from kernel.state import Job, StoredEvent, apply
 
 FileKey = tuple[str, str]  # (workflow_name, file_path)
@@ -162,3 +162,22 @@ class Batch:
         self.jobs[new.id] = new
         self.rows.extend(rows)
         self.last_seq, self.last_hash = seq, h
+
+
+def conditions(appends: Sequence[Append]) -> list[tuple[int, ...]]:
+    """For each append, the indexes of the appends it depends on (`Append.if_all_before`):
+    the unmarked ones before it in its batch; () for an unmarked one."""
+    before: list[int] = []
+    out: list[tuple[int, ...]] = []
+    for index, append in enumerate(appends):
+        if append.if_all_before:
+            out.append(tuple(before))
+        else:
+            out.append(())
+            before.append(index)
+    return out
+
+
+def unmet(job_id: str) -> NotClaimed:
+    """The refusal of an append whose batch's earlier appends were not all stored."""
+    return NotClaimed(f"job {job_id} not claimed: the append before it was refused")

@@ -9,7 +9,7 @@ from typing import Annotated
 import anyio
 import msgspec
 
-from adapters.ledger import Ledger
+from adapters.ledger import Ledger, conditions, unmet
 from adapters.notify.records import AlertRecord, DeadLetter
 from kernel.chain import ChainRow
 from kernel.events import Event, encode_event, event_tag
@@ -79,7 +79,10 @@ class MemoryEventStore:
         await anyio.lowlevel.checkpoint()
         batch = self._ledger.begin(self._jobs.get, lambda wf, key: self._keys.get((wf, key)))
         results: list[list[StoredEvent] | StoreError] = []
-        for item in appends:
+        for item, requires in zip(appends, conditions(appends), strict=True):
+            if any(isinstance(results[i], StoreError) for i in requires):
+                results.append(unmet(item.job_id))
+                continue
             rows = batch.try_prepare(item.job_id, item.events, item.expected_version)
             results.append(rows if isinstance(rows, StoreError) else [r.stored for r in rows])
         self._ledger.commit(batch)

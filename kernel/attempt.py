@@ -16,7 +16,7 @@ import msgspec
 
 from kernel.config import WorkflowConfig
 from kernel.decide import CompleteJob
-from kernel.ports import Executor, FileMissing, Files
+from kernel.ports import Executor, FileChanged, FileMissing, Files
 from kernel.state import Job
 from kernel.task import BaseProcessor, JobCancelledError, JobError
 
@@ -100,6 +100,8 @@ async def run_attempt(
         await files.claim(job)
     except FileMissing as exc:
         return Outcome(error_type="FileMissing", message=str(exc), retryable=False)
+    except FileChanged as exc:
+        return Outcome(error_type="FileChanged", message=str(exc), retryable=False)
     except OSError as exc:
         return Outcome(error_type="FileError", message=f"cannot move the file: {exc}")
     try:

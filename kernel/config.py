@@ -15,6 +15,7 @@ DEFAULT_NON_RETRYABLE = (
     "Infected",
     "ValidationError",
     "FileMissing",
+    "FileChanged",
 )
 
 

@@ -59,6 +59,7 @@ from kernel.ports import (
     Entropy,
     EventStore,
     Executor,
+    FileChanged,
     FileMissing,
     Files,
     NotClaimed,
@@ -463,7 +464,9 @@ class JobManager(IntakeDuties, ClusterDuties):
                     self._candidates -= 1
                     picked -= 1
                 continue
-            appends.append(Append(job.id, started, job.version))
+            # A claim beside an outcome starts only if the outcome is recorded: refused
+            # (a conflict), it is retried with the slot still taken in the log.
+            appends.append(Append(job.id, started, job.version, if_all_before=bool(first)))
             startable.append(job)
             if self.cluster is None:
                 moving.append(evolve(job, started[0]))
@@ -504,7 +507,7 @@ class JobManager(IntakeDuties, ClusterDuties):
     async def _move_early(self, job: Job) -> None:
         """Move a job being claimed into processing/; the attempt claims it again (a no-op
         then) and reports a file that cannot be moved."""
-        with contextlib.suppress(FileMissing, OSError):
+        with contextlib.suppress(FileMissing, FileChanged, OSError):
             await self.files.claim(job)
 
     def _limits(self, slots: int) -> ClaimLimits:

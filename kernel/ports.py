@@ -79,11 +79,18 @@ class JobPage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Append(msgspec.Struct, frozen=True):
-    """One job's events to append at the version the caller saw."""
+    """One job's events to append at the version the caller saw.
+
+    `if_all_before`: stored only if every append before it in its batch that is not so
+    marked was stored, else refused with NotClaimed. A finishing job's outcome and the
+    next job's claim share a commit: the claim must not start (and the log show two
+    jobs running under a limit of one) while the outcome is refused.
+    """
 
     job_id: str
     events: Sequence[Event]
     expected_version: int
+    if_all_before: bool = False
 
 
 class EventStore(Protocol):
@@ -174,8 +181,9 @@ class EventStore(Protocol):
 
 
 class NotClaimed(StoreError):
-    """A claim was not taken: a cluster-wide limit was reached, or the node's free slots
-    were filled by earlier candidates of the same claim. Nothing was written."""
+    """A claim was not taken: a cluster-wide limit was reached, the node's free slots
+    were filled by earlier candidates of the same claim, or the append it was made
+    beside was refused (`Append.if_all_before`). Nothing was written."""
 
 
 class ClaimLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -306,6 +314,10 @@ class FileMissing(Exception):
     """The job's file is nowhere the lifecycle could have left it."""
 
 
+class FileChanged(Exception):
+    """The file in input/ is not the one intake accepted: replaced, or written to, since."""
+
+
 ProgressSink = Callable[[float, str], None]
 
 
@@ -322,7 +334,8 @@ class Files(Protocol):
         """Move the file of a just-started job to its `current_path` in processing/.
 
         Idempotent; the file may be in input/, processing/ or error/ (an operator retry).
-        Raises FileMissing when it is nowhere.
+        Raises FileMissing when it is nowhere, FileChanged when the file in input/ is
+        not the one intake accepted (its bytes never went through the checks).
         """
         ...
 

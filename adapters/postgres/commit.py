@@ -7,11 +7,12 @@ carries the claim limits it is taken under (`Cluster.append_claims`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import anyio.lowlevel
 
+from adapters.ledger import conditions
 from kernel.ports import Append, ClaimLimits, StoreError, StoreUnavailable
 from kernel.state import StoredEvent
 
@@ -19,13 +20,16 @@ from kernel.state import StoredEvent
 class Request:
     """One append in a group; `limits` is set for a claim's candidate."""
 
-    __slots__ = ("error", "events", "expected_version", "job_id", "limits", "result")
+    __slots__ = ("error", "events", "expected_version", "job_id", "limits", "requires",
+                 "result")
 
-    def __init__(self, append: Append, limits: ClaimLimits | None = None) -> None:
+    def __init__(self, append: Append, limits: ClaimLimits | None = None,
+                 requires: tuple[Request, ...] = ()) -> None:
         self.job_id = append.job_id
         self.events = append.events
         self.expected_version = append.expected_version
         self.limits = limits
+        self.requires = requires  # stored only if these were (Append.if_all_before)
         self.result: list[StoredEvent] = []
         self.error: StoreError | None = None
 
@@ -88,3 +92,15 @@ class Committer:
             self._leading = False
             self._idle.set()
             self._idle = anyio.Event()
+
+
+def requests_of(appends: Sequence[Append], limits: ClaimLimits | None = None,
+                claims: int = 0) -> list[Request]:
+    """Requests for a batch, each linked to the appends it depends on; the last `claims`
+    are a claim's candidates under `limits`."""
+    requests: list[Request] = []
+    first_claim = len(appends) - claims
+    for index, (append, requires) in enumerate(zip(appends, conditions(appends), strict=True)):
+        requests.append(Request(append, limits if index >= first_claim else None,
+                                tuple(requests[i] for i in requires)))
+    return requests

@@ -36,12 +36,12 @@ import psycopg.errors
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from adapters.ledger import Batch, Ledger
+from adapters.ledger import Batch, Ledger, unmet
 from adapters.memory import page_of
 from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.postgres import schema
 from adapters.postgres.cluster import Membership
-from adapters.postgres.commit import Committer, Request
+from adapters.postgres.commit import Committer, Request, requests_of
 from adapters.postgres.feed import Feed, messages, parse, stored_of
 from adapters.sqlrows import (
     ACTIVE_SQL,
@@ -182,14 +182,14 @@ class PostgresEventStore:
 
     async def append_batch(self, appends: Sequence[Append]) -> list[StoreResult]:
         """Several appends in one transaction; each succeeds or fails on its own."""
-        return await self._submit([Request(a) for a in appends])
+        return await self._submit(requests_of(appends))
 
     async def append_claims(
         self, appends: Sequence[Append], candidates: Sequence[Append], limits: ClaimLimits
     ) -> tuple[list[StoreResult], list[StoreResult]]:
         """`appends`, then the candidates that `limits` allow, in one transaction."""
-        results = await self._submit([Request(a) for a in appends] +
-                                     [Request(a, limits) for a in candidates])
+        results = await self._submit(requests_of([*appends, *candidates], limits,
+                                                 len(candidates)))
         return results[: len(appends)], results[len(appends):]
 
     async def _submit(self, requests: list[Request]) -> list[StoreResult]:
@@ -287,7 +287,7 @@ class PostgresEventStore:
         owners = {(r[0], r[1]): r[2] for r in await keys.fetchall()} if keys else {}
         batch = ledger.begin(load, lambda wf, key: owners.get((wf, key)))
         for request in requests:
-            if request.limits is None:
+            if request.limits is None and not _unmet(request):
                 _stage(batch, request)
         if claims:
             _count_changes(running, known, batch)
@@ -682,6 +682,14 @@ def _stage(batch: Batch, request: Request) -> bool:
     return True
 
 
+def _unmet(request: Request) -> bool:
+    """Refuse a request whose batch's earlier appends were not all stored."""
+    if any(required.error is not None for required in request.requires):
+        request.error = unmet(request.job_id)
+        return True
+    return False
+
+
 def _units(requests: list[Request]) -> list[list[Request]]:
     """The group split into what can be written alone: each append on its own, each
     claim's candidates together (its slots are counted across them)."""
@@ -720,6 +728,8 @@ def _take_claims(batch: Batch, claims: list[Request], running: dict[str, int],
     for request in claims:
         limits = request.limits
         assert limits is not None
+        if _unmet(request):
+            continue
         staged = batch.jobs.get(request.job_id)
         actual = staged.version if staged is not None else versions.get(request.job_id, 0)
         if actual != request.expected_version or actual == 0:

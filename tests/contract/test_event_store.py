@@ -50,6 +50,7 @@ from kernel.ports import (
     DuplicateJob,
     EventStore,
     JobQuery,
+    NotClaimed,
     StoreError,
     StoreUnavailable,
 )
@@ -505,6 +506,29 @@ async def test_an_event_that_cannot_be_encoded_is_refused_alone(store: EventStor
     assert "cannot be stored" in str(a)
     assert not isinstance(b, StoreError)
     assert (await store.get_job("A")).status is Status.RUNNING  # type: ignore[union-attr]
+    await assert_read_model_is_replay(store)
+
+
+async def test_an_append_if_all_before_is_stored_only_after_them(store: EventStore) -> None:
+    """`Append.if_all_before`: stored only if every unmarked append before it in its batch
+    was; else refused with NotClaimed, and nothing of it written."""
+    await create(store, "A", name="a.pdf")
+    await create(store, "B", name="b.pdf")
+    await create(store, "C", name="c.pdf")
+    refused = await store.append_batch([
+        Append("A", [started("A")], 7),  # a conflict
+        Append("B", [started("B")], 1, if_all_before=True),
+    ])
+    assert isinstance(refused[0], ConcurrencyConflict)
+    assert isinstance(refused[1], NotClaimed)
+    assert (await store.get_job("B")).status is Status.PENDING  # type: ignore[union-attr]
+    stored = await store.append_batch([
+        Append("A", [started("A")], 1),
+        Append("B", [started("B")], 1, if_all_before=True),
+        Append("C", [started("C")], 7, if_all_before=True),  # its own conflict
+    ])
+    assert not isinstance(stored[0], StoreError) and not isinstance(stored[1], StoreError)
+    assert isinstance(stored[2], ConcurrencyConflict)
     await assert_read_model_is_replay(store)
 
 

@@ -18,7 +18,7 @@ from adapters.files import FileNotInInput, PathOutsideRoot
 from adapters.sqlite import SqliteEventStore
 from kernel.config import WorkflowConfig
 from kernel.decide import Rejected
-from kernel.events import JobProgress
+from kernel.events import JobCancelled, JobCompleted, JobFailed, JobProgress, JobStarted
 from kernel.ports import Append, DuplicateJob, JobQuery, StoreUnavailable
 from kernel.state import Status
 from kernel.task import BaseProcessor, BaseTask, JobContext, JobError
@@ -606,3 +606,90 @@ async def test_progress_that_failed_to_flush_is_recorded_later(tmp_path: Path) -
     assert store.failures_left == 0  # the hiccup happened
     assert done.status is Status.FAILED
     assert (done.progress, done.progress_message) == (0.5, "half of the pages")
+
+
+class FlushWinsTheRace:
+    """The SQLite store, where a progress append on a finishing job lands just before
+    its outcome (as the manager's own in-flight progress flush does)."""
+
+    def __init__(self, inner: SqliteEventStore) -> None:
+        self._inner = inner
+        self._raced: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[Any]:
+        for append in appends:
+            outcome = next((e for e in append.events if isinstance(e, JobCompleted)), None)
+            if outcome is not None and append.job_id not in self._raced:
+                self._raced.add(append.job_id)
+                await self._inner.append(append.job_id, [JobProgress(
+                    job_id=append.job_id, at=outcome.at, fraction=0.9, message="flush")],
+                    append.expected_version)
+        return await self._inner.append_batch(appends)
+
+
+async def test_the_log_never_shows_more_running_jobs_than_the_limit(tmp_path: Path) -> None:
+    """An outcome refused by a conflict (a progress flush of its job landed just before)
+    does not let the next job's claim, made beside it, start: the log never shows two
+    jobs running under a limit of one (the claim started, the outcome landed a retry
+    later)."""
+    store = FlushWinsTheRace(await SqliteEventStore.open(tmp_path / "log.db"))
+    async with Kernel.open(store, data_dir=tmp_path, concurrency=1) as kernel:
+        kernel.register_workflow("quick", Upper())
+        await kernel.ready("quick")
+        (tmp_path / "quick/input").mkdir(parents=True, exist_ok=True)
+        ids = []
+        for i in range(3):
+            (tmp_path / f"quick/input/{i}.txt").write_bytes(b"x")
+            ids.append((await kernel.submit("quick", f"{i}.txt")).id)
+        for job_id in ids:
+            await kernel.wait(job_id, timeout_s=10)
+        events = await kernel.events(0, 10_000)
+    running: set[str] = set()
+    peak = 0
+    for stored in events:
+        if isinstance(stored.event, JobStarted):
+            running.add(stored.job_id)
+        elif isinstance(stored.event, JobCompleted | JobFailed | JobCancelled):
+            running.discard(stored.job_id)
+        peak = max(peak, len(running))
+    assert peak == 1, [(s.seq, type(s.event).__name__, s.job_id[-4:]) for s in events]
+
+
+class BlockingCall(BaseProcessor):
+    """A library call of 1 s that cannot be interrupted (it never looks at ctx.cancelled)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            time.sleep(1.0)
+        finally:
+            with self.lock:
+                self.running -= 1
+        return {}
+
+
+async def test_a_timed_out_thread_keeps_its_slot_until_it_returns(tmp_path: Path) -> None:
+    """A thread processor past its timeout is waited for (up to a grace) before its slot
+    and its job's retry go on: at concurrency 1 one processor runs at a time (three
+    attempts of the same job ran side by side on the same file)."""
+    processor = BlockingCall()
+    config = WorkflowConfig(timeout_s=0.2, max_attempts=3, backoff_base_s=0.01,
+                            backoff_max_s=0.01, backoff_jitter=0)
+    async with Kernel.open(data_dir=tmp_path, concurrency=1) as kernel:
+        kernel.register_workflow("slow", processor, config=config)
+        await kernel.ready()
+        drop(tmp_path, "slow", "a.txt")
+        done = await kernel.wait((await kernel.submit("slow", "a.txt")).id, timeout_s=30)
+    assert done.status is Status.FAILED and done.error is not None
+    assert done.error.type == "Timeout" and done.attempts == 3
+    assert processor.peak == 1

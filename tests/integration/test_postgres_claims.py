@@ -161,3 +161,19 @@ async def test_an_append_the_server_refuses_fails_alone(store: PostgresEventStor
     assert (await store.get_job("ok-2")) is not None
     assert (await store.get_job("bad-2")) is None
     assert verify(await store.read_chain()).ok
+
+
+async def test_a_claim_made_beside_a_refused_outcome_does_not_start(
+        store: PostgresEventStore) -> None:
+    """Candidates marked `if_all_before` start only if the appends of their claim were
+    stored: an outcome refused by a conflict keeps its slot taken in the log."""
+    await pending(store, "done-1", "next-1")
+    await store.append_batch([start("done-1")])
+    appends, taken = await store.append_claims(
+        [Append("done-1", [JobStarted(job_id="done-1", at=datetime.now(UTC), attempt=2,
+                                      worker="node")], 7)],  # a stale version
+        [Append("next-1", start("next-1").events, 1, if_all_before=True)],
+        ClaimLimits(slots=1))
+    assert isinstance(appends[0], ConcurrencyConflict)
+    assert outcome(taken[0]) == "not claimed"
+    assert (await store.get_job("next-1")).status.value == "pending"  # type: ignore[union-attr]

@@ -845,3 +845,48 @@ async def test_a_marker_whose_file_was_rejected_does_not_vouch_for_the_next_file
             handle.flush()
             await anyio.sleep(1.5)  # its writer has not written the marker yet
             assert await hot.created_for("scan.csv") == []
+
+
+class GateThenRead(Gate):
+    """Holds the job of `blocker.txt` until released; records each input's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, int] = {}
+
+    async def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
+        self.seen[ctx.input_path.name.partition("--")[2]] = ctx.input_path.stat().st_size
+        if ctx.input_path.name.endswith("blocker.txt"):
+            return await super().process(ctx, task)
+        return {}
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+async def test_a_file_changed_while_its_job_waits_is_not_processed_unchecked(
+        tmp_path: Path, how: str) -> None:
+    """Intake passed a 9-byte data.txt; while its job waits for the slot, the file is
+    replaced by one past the size limit, or rewritten in place by a writer not done yet.
+    Those bytes never went through intake: the job fails as FileChanged (not retried)
+    and the file goes to error/ with its report; the processor never sees it (it used to
+    process the unchecked, or half-written, bytes)."""
+    gate = GateThenRead()
+    async with hot_folder(tmp_path, gate, settle_ms=50, max_size_bytes=100) as hot:
+        hot.drop("blocker.txt")
+        with anyio.fail_after(WAIT_S):
+            await gate.started.wait()
+        hot.drop("data.txt", b"small v1\n")
+        job = await hot.job_of("data.txt")
+        await anyio.sleep(0.3)  # intake has passed it; it waits for the slot
+        assert (await hot.kernel.get_job(job.id)).status is Status.PENDING  # type: ignore[union-attr]
+        if how == "replaced":
+            hot.rename_in("data.txt", b"x" * 5000)
+        else:
+            with open(hot.inbox / "data.txt", "ab") as handle:
+                handle.write(b"a" * 50)
+        gate.release.set()
+        done = await hot.kernel.wait(job.id, timeout_s=WAIT_S)
+        assert done.status is Status.FAILED and done.error is not None
+        assert done.error.type == "FileChanged" and done.attempts == 1
+        assert "data.txt" not in gate.seen
+        assert (hot.data_dir / done.current_path).is_file()
+        assert (hot.data_dir / (done.current_path + ".error.json")).is_file()
