@@ -28,6 +28,7 @@ from adapters.http.state import AppState
 from adapters.notify.records import DeadLetter
 from kernel.config import WorkflowConfig
 from kernel.task import BaseProcessor, BaseTask, JobContext
+from tests.integration.test_watch import Gate
 
 pytestmark = pytest.mark.anyio
 TOKEN = "uploads-token-0123456789abcdef"
@@ -93,16 +94,11 @@ async def test_concurrent_uploads_of_one_name_never_overwrite(tmp_path: Path) ->
             assert set(codes) <= {201, 409}, (round_, codes)
 
 
-class Held(BaseProcessor):
+class Held(Gate):
     """Runs until released; reports the bytes it was given."""
 
-    def __init__(self) -> None:
-        self.started = anyio.Event()
-        self.release = anyio.Event()
-
     async def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
-        self.started.set()
-        await self.release.wait()
+        await super().process(ctx, task)
         return {"bytes": ctx.input_path.read_bytes().decode()}
 
 
