@@ -14,9 +14,9 @@ def submitted_name(job: Job) -> PurePosixPath:
 
 
 def output_name(job: Job, suffix: str) -> str:
-    """`sub/a.csv` with its last extension replaced: `output_name(job, ".summary.json")`."""
-    name = submitted_name(job)
-    return str(name.with_name(name.stem + suffix))
+    """`sub/a.csv` with `suffix` after its whole name: `sub/a.csv.summary.json`. The whole
+    name, so that `a.csv` and `a.tsv` (or `a.jpg` and `a.jpeg`) never share an output."""
+    return f"{submitted_name(job)}{suffix}"
 
 
 def write_unless_cancelled(ctx: JobContext, name: str, data: bytes) -> None:

@@ -100,7 +100,7 @@ async def test_bad_levels_are_refused_at_submit(tmp_path: Path, params: dict[str
 class FailingVerify(CompressProcessor):
     """A compress whose round-trip check finds a mismatch (as a damaged disk would)."""
 
-    def _verify(self, ctx: JobContext, gz_name: str, result: Compressed) -> None:
+    def _verify(self, ctx: JobContext, path: Path, gz_name: str, result: Compressed) -> None:
         raise JobError("VerifyFailed", "simulated mismatch", retryable=False)
 
 
@@ -154,3 +154,20 @@ async def test_cancelling_mid_compress_leaves_nothing(tmp_path: Path) -> None:
     assert done.status is Status.CANCELLED and left == []
     history = json.loads((tmp_path / f"{done.current_path}.error.json").read_text())
     assert history["status"] == "cancelled"
+
+
+async def test_a_failed_job_leaves_an_earlier_jobs_outputs_of_the_same_name(
+        tmp_path: Path) -> None:
+    """report.txt dropped again, and this second job fails its verify: the first job's
+    report.txt.gz and its manifest stay as they were (the second's clean-up deleted the
+    first's manifest, and its unverified .gz had replaced the first's)."""
+    first = await run_file(tmp_path, "compress", compress, "report.txt",
+                           b"first report\n" * 999, processor=compress.processor)
+    assert first.job.status is Status.COMPLETED
+    before = {p: (tmp_path / p).read_bytes() for p in first.job.output_paths}
+    assert sorted(before) == ["compress/output/report.txt.gz",
+                              "compress/output/report.txt.gz.sha256"]
+    second = await run_file(tmp_path, "compress", compress, "report.txt", b"second\n" * 999,
+                            processor=FailingVerify(), config=fast_config(compress))
+    assert second.job.status is Status.FAILED
+    assert {p: (tmp_path / p).read_bytes() for p in first.job.output_paths} == before

@@ -67,5 +67,5 @@ async def test_a_200_mb_csv_is_profiled_in_bounded_memory(
     assert report["status"] == "completed", report
     assert report["result"]["rows"] == rows
     assert report["peak_rss_kb"] < RSS_LIMIT_KB, report
-    summary = json.loads((tmp_path / "csv_summary/output/big.summary.json").read_text())
+    summary = json.loads((tmp_path / "csv_summary/output/big.csv.summary.json").read_text())
     assert summary["columns"][0]["max"] == rows - 1

@@ -83,7 +83,7 @@ async def test_profile_matches_an_independent_computation(tmp_path: Path) -> Non
     done = await run_file(tmp_path, "csv_summary", csv_summary, "sales.csv", encode(header, rows),
                           params={"top_k": 5})
     assert done.job.status is Status.COMPLETED, done.job.error
-    summary = json.loads((tmp_path / "csv_summary/output/sales.summary.json").read_text())
+    summary = json.loads((tmp_path / "csv_summary/output/sales.csv.summary.json").read_text())
     assert summary["rows"] == ROWS and summary["file"] == "sales.csv"
     assert done.job.result == {"rows": ROWS, "columns": 6, "size_bytes": summary["size_bytes"]}
     profiles = by_name(summary)
@@ -106,7 +106,7 @@ async def test_profile_matches_an_independent_computation(tmp_path: Path) -> Non
     assert profiles["code"]["kind"] == "text"  # one word among numbers makes a column text
     assert profiles["blank"] == {"name": "blank", "kind": "empty", "count": 0, "nulls": ROWS,
                                  "distinct": 0, "distinct_exact": True}
-    assert done.job.output_paths == ("csv_summary/output/sales.summary.json",)
+    assert done.job.output_paths == ("csv_summary/output/sales.csv.summary.json",)
     assert done.job.current_path.startswith("csv_summary/archive/")
     assert (tmp_path / done.job.current_path).read_bytes() == encode(header, rows)
     assert done.kinds()[:2] == ["JobCreated", "JobStarted"]
@@ -122,7 +122,7 @@ async def test_top_values_are_exact_while_the_column_fits_the_counters(tmp_path:
     done = await run_file(tmp_path, "csv_summary", csv_summary, "skus.csv",
                           encode(["sku"], rows), params={"top_k": 100})
     profile = by_name(json.loads(
-        (tmp_path / "csv_summary/output/skus.summary.json").read_text()))["sku"]
+        (tmp_path / "csv_summary/output/skus.csv.summary.json").read_text()))["sku"]
     assert done.job.status is Status.COMPLETED
     assert profile["top"] == expected_top(column(rows, 0), 100)
     assert "top_error_max" not in profile
@@ -135,7 +135,7 @@ async def test_no_header_other_delimiter_latin1_and_short_rows(tmp_path: Path) -
                           params={"has_header": False, "delimiter": ";",
                                   "encoding": "latin-1"})
     assert done.job.status is Status.COMPLETED, done.job.error
-    summary = json.loads((tmp_path / "csv_summary/output/people.summary.json").read_text())
+    summary = json.loads((tmp_path / "csv_summary/output/people.txt.summary.json").read_text())
     assert (summary["rows"], summary["short_rows"]) == (3, 1)
     profiles = by_name(summary)
     assert [p["name"] for p in summary["columns"]] == ["column_1", "column_2", "column_3"]
@@ -148,7 +148,7 @@ async def test_no_header_other_delimiter_latin1_and_short_rows(tmp_path: Path) -
 async def test_an_empty_file_and_a_header_only_file_profile_to_zero_rows(tmp_path: Path) -> None:
     """Zero rows is a summary, not a failure."""
     done = await run_file(tmp_path, "csv_summary", csv_summary, "h.csv", b"a,b\n")
-    summary = json.loads((tmp_path / "csv_summary/output/h.summary.json").read_text())
+    summary = json.loads((tmp_path / "csv_summary/output/h.csv.summary.json").read_text())
     assert done.job.status is Status.COMPLETED
     assert summary["rows"] == 0 and [c["kind"] for c in summary["columns"]] == ["empty"] * 2
 
@@ -210,3 +210,15 @@ async def test_cancelling_a_long_csv_mid_job_leaves_no_output(tmp_path: Path) ->
     assert 0 < running.progress < 1
     assert done.status is Status.CANCELLED and left == []
     assert done.current_path.startswith("csv_summary/error/")
+
+
+async def test_two_files_of_one_stem_keep_a_summary_each(tmp_path: Path) -> None:
+    """sales.csv and sales.tsv: outputs are named after the whole input name, so neither
+    summary replaces the other (both were output/sales.summary.json)."""
+    a = await run_file(tmp_path, "csv_summary", csv_summary, "sales.csv", b"region,n\nnorth,1\n")
+    b = await run_file(tmp_path, "csv_summary", csv_summary, "sales.tsv", b"sku\tqty\nx1\t5\n",
+                       params={"delimiter": "\t"})
+    assert a.job.status is Status.COMPLETED and b.job.status is Status.COMPLETED
+    assert a.job.output_paths == ("csv_summary/output/sales.csv.summary.json",)
+    assert b.job.output_paths == ("csv_summary/output/sales.tsv.summary.json",)
+    assert all((tmp_path / p).is_file() for p in a.job.output_paths + b.job.output_paths)

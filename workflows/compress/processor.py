@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kernel.task import BaseProcessor, JobContext, JobError
@@ -20,34 +20,44 @@ class CompressProcessor(BaseProcessor):
     Task = models.Task
 
     def process(self, ctx: JobContext, task: models.Task) -> dict[str, Any]:
-        """Compress, verify, then write the manifest; a failure removes what was written."""
+        """Compress and verify under a temporary name, publish the .gz, then its manifest.
+
+        The .gz replaces an earlier one of the same name only once it is verified, and a
+        failure removes only what this attempt published, never another job's outputs.
+        """
         gz_name = f"{submitted_name(ctx.job)}.gz"
-        written: list[str] = []
+        published: list[str] = []
         try:
-            result = self._compress(ctx, task, gz_name)
-            written += [gz_name, f"{gz_name}.sha256"]  # a manifest left now would be stale
-            self._verify(ctx, gz_name, result)
+            result = self._compress_and_verify(ctx, task, gz_name)
+            published.append(gz_name)
             with ctx.open_output(f"{gz_name}.sha256", "w") as manifest:
                 manifest.write(f"{result.gz_sha256}  {PurePosixPath(gz_name).name}\n")
+            published.append(f"{gz_name}.sha256")
             ctx.check_cancelled()  # an abandoned thread's outputs must not outlive its cancel
         except BaseException:
-            for name in written:
+            for name in published:
                 (ctx.output_dir / name).unlink(missing_ok=True)
             raise
         ctx.progress(1.0, "verified")
         return _result(task, result)
 
-    def _compress(self, ctx: JobContext, task: models.Task, gz_name: str) -> Compressed:
+    def _compress_and_verify(self, ctx: JobContext, task: models.Task, gz_name: str
+                             ) -> Compressed:
         size_bytes = max(1, ctx.input_path.stat().st_size)
+        # The output appears under its name only when the block ends well: the round trip
+        # is checked on the temporary file before that.
         with ctx.open_output(gz_name) as out:
-            return gzip_file(ctx.input_path, out, task.level,
-                             _reporter(ctx, 0.0, COMPRESS_SHARE, size_bytes, "compressed"))
+            result = gzip_file(ctx.input_path, out, task.level,
+                               _reporter(ctx, 0.0, COMPRESS_SHARE, size_bytes, "compressed"))
+            out.flush()
+            self._verify(ctx, Path(out.name), gz_name, result)
+        return result
 
-    def _verify(self, ctx: JobContext, gz_name: str, result: Compressed) -> None:
+    def _verify(self, ctx: JobContext, path: Path, gz_name: str, result: Compressed) -> None:
         on_chunk = _reporter(ctx, COMPRESS_SHARE, 1.0 - COMPRESS_SHARE,
                              max(1, result.gz_size_bytes), "verified")
         try:
-            size, sha256 = gunzip_digest(ctx.output_dir / gz_name, on_chunk)
+            size, sha256 = gunzip_digest(path, on_chunk)
         except ValueError as exc:
             raise JobError("VerifyFailed", f"{gz_name} does not inflate: {exc}") from None
         if (size, sha256) != (result.size_bytes, result.sha256):

@@ -53,7 +53,7 @@ class ColumnProfile(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
 
 
 class Summary(msgspec.Struct, frozen=True, kw_only=True):
-    """The profile of one CSV file, written to output/{stem}.summary.json."""
+    """The profile of one CSV file, written to output/{name}.summary.json."""
 
     file: str
     size_bytes: int

@@ -28,7 +28,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class ThumbnailProcessor(BaseProcessor):
-    """Writes output/{stem}.thumb.{jpg|png|webp}; refuses non-images and bombs at intake."""
+    """Writes output/{name}.thumb.{jpg|png|webp}; refuses non-images and bombs at intake."""
 
     Task = models.Task
 
