@@ -36,7 +36,8 @@ def register_all(kernel: Kernel, settings: Settings) -> dict[str, str]:
         try:
             module = load()
             _register(kernel, settings, name, module)
-        except Exception as exc:  # a broken workflow must not take the others down
+        except (Exception, SystemExit) as exc:  # a broken workflow must not take the others
+            # down: `sys.exit("OCR_API_KEY is not set")` at import is a problem of its own
             problems[name] = f"{type(exc).__name__}: {exc}"
             log.error("workflow_not_registered", workflow_name=name, problem=problems[name])
     return problems

@@ -32,11 +32,13 @@ def package(root: Path, name: str, source: str) -> None:
 
 @pytest.mark.anyio
 async def test_broken_workflows_are_reported_and_the_others_run(tmp_path: Path) -> None:
-    """An import error, a bad config section, a reserved name and a missing processor are
-    each reported by name; the good workflow and the bundled ones register and run."""
+    """An import error, a `sys.exit` at import (a "required setting missing" guard), a bad
+    config section, a reserved name and a missing processor are each reported by name;
+    the good workflow and the bundled ones register and run."""
     folder = tmp_path / "workflows"
     package(folder, "good", GOOD)
     package(folder, "broken", "import not_a_module_anywhere\n")
+    package(folder, "exits", 'import sys\nsys.exit("OCR_API_KEY is not set")\n')
     package(folder, "jobs", GOOD)  # a word the API uses itself
     package(folder, "empty", "x = 1\n")
     package(folder, "misconfigured", GOOD)
@@ -48,8 +50,9 @@ async def test_broken_workflows_are_reported_and_the_others_run(tmp_path: Path) 
         (tmp_path / "data/good/input/a.txt").write_text("hi")
         job = await kernel.wait((await kernel.submit("good", "a.txt")).id, timeout_s=10)
     assert {"good", "csv_summary", "compress", "thumbnail"} <= registered
-    assert not registered & {"broken", "jobs", "empty", "misconfigured"}
+    assert not registered & {"broken", "exits", "jobs", "empty", "misconfigured"}
     assert "ModuleNotFoundError" in problems["broken"]
+    assert "OCR_API_KEY is not set" in problems["exits"]
     assert "reserved" in problems["jobs"]
     assert "processor" in problems["empty"]
     assert "workflows.misconfigured" in problems["misconfigured"]

@@ -222,3 +222,22 @@ async def test_two_files_of_one_stem_keep_a_summary_each(tmp_path: Path) -> None
     assert a.job.output_paths == ("csv_summary/output/sales.csv.summary.json",)
     assert b.job.output_paths == ("csv_summary/output/sales.tsv.summary.json",)
     assert all((tmp_path / p).is_file() for p in a.job.output_paths + b.job.output_paths)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n\r\n"], ids=["empty", "blank-lines"])
+async def test_an_empty_file_is_a_summary_of_no_rows(tmp_path: Path, content: bytes) -> None:
+    """No rows, no columns: a summary, not a ZeroDivisionError retried as if transient."""
+    done = await run_file(tmp_path, "csv_summary", csv_summary, "empty.csv", content)
+    assert done.job.status is Status.COMPLETED, done.job.error
+    summary = json.loads((tmp_path / "csv_summary/output/empty.csv.summary.json").read_text())
+    assert (summary["rows"], summary["columns"]) == (0, [])
+
+
+async def test_a_field_longer_than_pythons_default_limit_is_read(tmp_path: Path) -> None:
+    """One quoted field of 1 MiB (an HTML body, a base64 image) is a cell like any other
+    (csv's default limit of 128 KiB failed the file as BadCsv)."""
+    body = "x" * (1024 * 1024)
+    content = f'id,body\n1,"{body}"\n2,short\n'.encode()
+    done = await run_file(tmp_path, "csv_summary", csv_summary, "pages.csv", content)
+    assert done.job.status is Status.COMPLETED, done.job.error
+    assert done.job.result == {"rows": 2, "columns": 2, "size_bytes": len(content)}

@@ -19,6 +19,11 @@ from .config import CHUNK_BYTES, CHUNK_CELLS, FIRST_CHUNK_ROWS
 from .models import Summary
 from .services.table import TableProfile, bad_csv
 
+# A field may be as long as this (Python's default, 128 KiB, refused a cell holding an HTML
+# body or a base64 image); memory stays bounded by one row. The limit is the process's.
+FIELD_BYTES_MAX = 64 * 1024 * 1024
+csv.field_size_limit(max(csv.field_size_limit(), FIELD_BYTES_MAX))
+
 
 class CsvSummaryProcessor(BaseProcessor):
     """Profiles every column of a CSV in one pass; memory does not grow with the file."""
@@ -46,6 +51,8 @@ class CsvSummaryProcessor(BaseProcessor):
         table = TableProfile(task.top_k)
         try:
             rows_max = _start(reader, table, task.has_header)
+            if rows_max == 0:
+                return table  # an empty file (or blank lines only): no columns, no rows
             chunk_rows, before = min(rows_max, FIRST_CHUNK_ROWS), bytes_read()
             while taken := table.add_rows(itertools.islice(reader, chunk_rows)):
                 ctx.check_cancelled()
