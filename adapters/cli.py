@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adapters.audit import snapshot_at, verify_chain
+from adapters.config import Settings, SettingsError, load_settings
 from adapters.sqlite import SqliteEventStore
 from kernel.ports import StoreError, StoreLocked, StoreUnavailable
 
@@ -21,11 +22,31 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 data_dir_option = click.option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
-    show_default=True, envvar="MULTIFLOW_DATA_DIR", help="The data root (holds multiflow.db).")
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="The data root (holds multiflow.db) [default: the data_dir setting, ./data].")
 store_option = click.option(
-    "--store", default=None, envvar="MULTIFLOW_STORE",
-    help="Store URL (sqlite:///PATH or postgresql://...); default: DATA_DIR/multiflow.db.")
+    "--store", default=None,
+    help="Store URL (sqlite:///PATH or postgresql://...) [default: the store setting, else "
+         "DATA_DIR/multiflow.db].")
+
+
+def settings() -> Settings:
+    """The effective settings (multiflow.toml, .env, MULTIFLOW_* environment); exits 2 with
+    the reason when they are invalid."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        fail(str(exc), 2)
+        raise  # (fail exits)
+
+
+def where(data_dir: Path | None, store: str | None) -> tuple[Path, str | None]:
+    """A command's data root and store: its flags, else the settings, as `multiflow run`
+    would use them."""
+    if data_dir is not None and store is not None:
+        return data_dir, store
+    found = settings()
+    return data_dir or found.data_path, store if store is not None else found.store
 
 
 def is_postgres(store: str | None) -> bool:
@@ -72,8 +93,9 @@ def audit() -> None:
 @audit.command("verify")
 @data_dir_option
 @store_option
-def audit_verify(data_dir: Path, store: str | None) -> None:
+def audit_verify(data_dir: Path | None, store: str | None) -> None:
     """Walk the hash chain; name the first event that was altered. Safe while running."""
+    data_dir, store = where(data_dir, store)
 
     async def run() -> Any:
         opened = await open_for_reading(store, data_dir)
@@ -97,9 +119,10 @@ def audit_verify(data_dir: Path, store: str | None) -> None:
 @main.command()
 @data_dir_option
 @store_option
-def rebuild(data_dir: Path, store: str | None) -> None:
+def rebuild(data_dir: Path | None, store: str | None) -> None:
     """Replay the log and make the job read model equal to it (refused while a server
     runs, or on PostgreSQL while any node's lease is live)."""
+    data_dir, store = where(data_dir, store)
 
     async def run() -> Any:
         if is_postgres(store):
@@ -133,8 +156,9 @@ def rebuild(data_dir: Path, store: str | None) -> None:
 @store_option
 @click.option("--at", "at_", required=True, help="A seq number or an ISO 8601 time (UTC).")
 @click.option("--limit", default=50, show_default=True, help="Jobs to list.")
-def replay(data_dir: Path, store: str | None, at_: str, limit: int) -> None:
+def replay(data_dir: Path | None, store: str | None, at_: str, limit: int) -> None:
     """Show the queue and every job as they were at a past seq or time."""
+    data_dir, store = where(data_dir, store)
     seq, when = parse_point(at_)
 
     async def run() -> Any:
@@ -175,8 +199,9 @@ def parse_point(text: str) -> tuple[int | None, datetime | None]:
               help="The SQLite log to copy [default: DATA_DIR/multiflow.db].")
 @click.option("--to", "target", required=True,
               help="An empty PostgreSQL store: postgresql://user@host:5432/db?schema=multiflow")
-def migrate_store_command(data_dir: Path, source: str | None, target: str) -> None:
+def migrate_store_command(data_dir: Path | None, source: str | None, target: str) -> None:
     """Copy an SQLite log into PostgreSQL (hash chain preserved and verified)."""
+    data_dir = data_dir or settings().data_path
     from rich.progress import Progress
 
     from adapters.postgres.migrate import migrate_store
@@ -200,14 +225,14 @@ def migrate_store_command(data_dir: Path, source: str | None, target: str) -> No
 @main.command("new-workflow")
 @click.argument("name")
 @click.option("--workflows-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, envvar="MULTIFLOW_WORKFLOWS_DIR",
+              default=None,
               help="Where to create it [default: the workflows_dir setting, ./workflows].")
 def new_workflow_command(name: str, workflows_dir: Path | None) -> None:
     """Create a working workflow package NAME (processor, task, config, a test)."""
     from adapters.scaffold import ScaffoldError, new_workflow
 
     try:
-        written = new_workflow(name, workflows_dir or Path("workflows"))
+        written = new_workflow(name, workflows_dir or Path(settings().workflows_dir))
     except ScaffoldError as exc:
         fail(str(exc), 2)
     root = written[0].parent

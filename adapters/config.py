@@ -8,10 +8,12 @@ disables only that workflow.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from dotenv import dotenv_values
@@ -23,6 +25,8 @@ from kernel.config import WorkflowConfig
 ENV_PREFIX = "MULTIFLOW_"
 SECRET_KEYS = frozenset({"api_tokens"})
 LIST_KEYS = frozenset({"api_tokens", "workflow_entries"})
+_SECRET_QUERY = re.compile(r"([^&=]*(?:pass|token|key|secret|sig|auth)[^&=]*)=[^&]*", re.I)
+STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "memory://")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -75,7 +79,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         _check(self.aging_interval_s > 0, "aging_interval_s", "must be positive")
         _check(self.rate_limit_per_s > 0 and self.rate_limit_burst >= 1, "rate_limit_per_s",
                "rate and burst must be positive")
+        _check(self.store is None or self.store.startswith(STORE_SCHEMES), "store",
+               "must be sqlite:///PATH, postgresql://... or memory://")
         _check(self.body_max_bytes >= 1024, "body_max_bytes", "must be at least 1024")
+        _check(self.upload_max_bytes >= 1, "upload_max_bytes", "must be at least 1")
+        _check(self.disk_free_min_bytes >= 0, "disk_free_min_bytes", "must not be negative")
+        _check(self.log_file_max_bytes >= 1024, "log_file_max_bytes", "must be at least 1024")
+        _check(self.log_file_backups >= 1, "log_file_backups",
+               "must be at least 1 (a file past log_file_max_bytes is rotated to .1)")
         _check(self.sse_queue_max >= 1, "sse_queue_max", "must be at least 1")
         _check(self.archive_retention_days >= 0, "archive_retention_days",
                "must not be negative (0 keeps the archive for ever)")
@@ -137,8 +148,8 @@ def load_settings(
         merged.update(_read_toml(Path("multiflow.toml")))
     if env_file is not None and env_file.is_file():
         dotenv = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
-        merged.update(_from_env(dotenv))
-    merged.update(_from_env(os.environ if env is None else env))
+        _merge(merged, _from_env(dotenv))
+    _merge(merged, _from_env(os.environ if env is None else env))
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return msgspec.convert(merged, Settings, strict=False)
@@ -167,6 +178,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         key = name.removeprefix(ENV_PREFIX).lower()
         if key not in known or key in ("workflows", "scanner", "webhooks", "alerts"):
             continue
+        if key == "store" and not raw.strip():
+            continue  # `MULTIFLOW_STORE=` in a .env: unset, not an empty URL
         values[key] = [p.strip() for p in raw.split(",") if p.strip()] if key in LIST_KEYS \
             else raw
     if "MULTIFLOW_SCANNER_SOCKET" in env:
@@ -175,6 +188,19 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         values["scanner"] = {"port": env["MULTIFLOW_SCANNER_PORT"],
                              "host": env.get("MULTIFLOW_SCANNER_HOST", "127.0.0.1")}
     return values
+
+
+def _merge(merged: dict[str, Any], values: dict[str, Any]) -> None:
+    """Take a stronger source's values. The scanner's connection from the environment
+    replaces the weaker one's (a socket or a host and port), and keeps its other keys
+    (`stream_max_bytes`, the timeouts)."""
+    scanner = values.pop("scanner", None)
+    merged.update(values)
+    if scanner is not None:
+        base = dict(merged.get("scanner") or {})
+        for key in ("socket_path", "host", "port"):
+            base.pop(key, None)
+        merged["scanner"] = {**base, **scanner}
 
 
 def workflow_config(settings: Settings, name: str, base: WorkflowConfig) -> WorkflowConfig:
@@ -193,6 +219,21 @@ def masked(settings: Settings) -> dict[str, Any]:
     """The settings as a dict with secrets masked (for `multiflow config`)."""
     data: dict[str, Any] = msgspec.to_builtins(settings)
     data["api_tokens"] = [f"{token_name(t)}:****" for t in settings.api_tokens]
+    if settings.store is not None:
+        data["store"] = masked_url(settings.store)
     for target in data["webhooks"]:
         target["secret"] = "****"
+        target["url"] = masked_url(target["url"])
     return data
+
+
+def masked_url(url: str) -> str:
+    """A URL with its password, and the values of query keys that hold secrets (token,
+    key, secret, password, signature ...), shown as ****."""
+    parts = urlsplit(url)
+    if parts.password:
+        url = url.replace(f":{parts.password}@", ":****@", 1)
+    if parts.query:
+        query = _SECRET_QUERY.sub(lambda m: f"{m[1]}=****", parts.query)
+        url = url.replace(f"?{parts.query}", f"?{query}", 1)
+    return url

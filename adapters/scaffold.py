@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from kernel.layout import check_workflow_name
@@ -126,6 +127,9 @@ def test_a_dropped_file_is_processed(tmp_path: Path) -> None:
 }
 
 
+TAKEN_NAMES = frozenset({"kernel", "adapters", "workflows", "tests", "multiflow"})
+
+
 class ScaffoldError(ValueError):
     """The workflow cannot be created (bad name, folder exists)."""
 
@@ -135,6 +139,11 @@ def new_workflow(name: str, workflows_dir: Path) -> list[Path]:
     problem = check_workflow_name(name)
     if problem:
         raise ScaffoldError(f"invalid workflow name {name!r}: {problem}")
+    if name in sys.stdlib_module_names or name in TAKEN_NAMES:
+        # Its own test imports the package by its name: it would find the other module.
+        raise ScaffoldError(f"invalid workflow name {name!r}: a Python module of that name "
+                            "exists (the standard library's, or multiflow's own); choose "
+                            f"another, such as {name}_files")
     root = workflows_dir / name
     if root.exists():
         raise ScaffoldError(f"{root} already exists")
