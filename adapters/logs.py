@@ -6,9 +6,12 @@ Every line that carries a `workflow_name` is also written to
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,44 +21,95 @@ import structlog
 from kernel.layout import WORKFLOW_NAME
 
 _encode = msgspec.json.Encoder(enc_hook=str).encode  # what JSON does not know, as text
+REOPEN_CHECK_S = 1.0  # how often a log file checks that its path is still the file it writes
 
 
 def json_line(event_dict: dict[str, Any]) -> bytes:
-    """One log line's JSON (UTF-8, no newline)."""
-    return _encode(event_dict)
+    """One log line's JSON (UTF-8, no newline). Text that is not UTF-8 (a file name read
+    with surrogateescape) is written with backslash escapes instead of refused."""
+    try:
+        return _encode(event_dict)
+    except UnicodeEncodeError:
+        return _encode(_printable(event_dict))
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
 
 
 class RotatingFile:
     """Appends lines to a file, rotated once it would pass `max_bytes` (`path.1` the newest
-    of `backups` kept). Thread-safe: threads log too."""
+    of `backups` kept). Thread-safe: threads log too.
+
+    A line never raises into its caller: a file moved or removed under it (logrotate, an
+    operator's `rm`) is reopened at its path, and a write that fails (a full disk) is
+    reported once on stderr and dropped."""
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self.backups = backups
+        self.backups = max(1, backups)
         self._lock = threading.Lock()
         self._file: BinaryIO = path.open("ab")
         self._size = self._file.tell()
+        self._checked_s = time.monotonic()
+        self._failing = False
 
     def write(self, line: bytes) -> None:
         """Append one line (its newline is added here)."""
         with self._lock:
-            if self.backups > 0 and self._size > 0 and \
-                    self._size + len(line) + 1 > self.max_bytes:
-                self._rotate()
-            self._file.write(line + b"\n")
-            self._file.flush()
-            self._size += len(line) + 1
+            try:
+                self._write(line)
+            except OSError as exc:
+                if not self._failing:
+                    self._failing = True
+                    print(f"multiflow: cannot write {self.path}: {exc}; its lines are dropped "
+                          "until it can", file=sys.stderr, flush=True)
+                return
+            self._failing = False
+
+    def _write(self, line: bytes) -> None:
+        now_s = time.monotonic()
+        if now_s - self._checked_s >= REOPEN_CHECK_S or self._file.closed:
+            self._checked_s = now_s
+            self._reopen_if_moved()
+        if self._size > 0 and self._size + len(line) + 1 > self.max_bytes:
+            self._rotate()
+        self._file.write(line + b"\n")
+        self._file.flush()
+        self._size += len(line) + 1
+
+    def _reopen_if_moved(self) -> None:
+        try:
+            same = not self._file.closed and \
+                os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self._open()
+
+    def _open(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("ab")
+        self._size = self._file.tell()
 
     def _rotate(self) -> None:
         self._file.close()
         for number in range(self.backups - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{number}")
-            if older.exists():
+            with contextlib.suppress(FileNotFoundError):
                 older.replace(self.path.with_name(f"{self.path.name}.{number + 1}"))
-        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        self._file = self.path.open("ab")
-        self._size = 0
+        with contextlib.suppress(FileNotFoundError):  # moved away meanwhile: start anew
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        self._open()
 
     def close(self) -> None:
         """Close the file."""

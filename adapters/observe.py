@@ -82,7 +82,14 @@ class Observer:
         while True:
             try:
                 async for stored in self.store.tail(self.last_seq):
-                    await self.observe(stored)
+                    try:
+                        await self.observe(stored)
+                    except StoreError:
+                        raise
+                    except Exception:
+                        # A log line or a metric must never stop the node: that event's
+                        # line is lost, the jobs go on.
+                        log.exception("observe_failed", seq=stored.seq, job_id=stored.job_id)
                     self.last_seq = stored.seq
             except StoreError:
                 await anyio.sleep(1.0)  # the store is closing or down: try again

@@ -7,12 +7,13 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 
-from tests.e2e.serverkit import Server, place, raw_request, unique
+from tests.e2e.serverkit import Server, launch, place, raw_request, unique
 
 TRAVERSALS = [
     "../x", "../../../../etc/passwd", "..%2f..%2fetc%2fpasswd", "..", ".", "//etc/passwd",
@@ -291,3 +292,54 @@ def test_errors_keep_the_connection_alive(server: Server) -> None:
         after = client.get("/api/queue")
     assert after.status_code == 200
     assert "Exception in ASGI application" not in server.log_text()[log_before:]
+
+
+def test_a_workflow_log_removed_under_the_server_is_reopened(tmp_path: Path) -> None:
+    """`rm data/logs/echo.log` (or logrotate without copytruncate): the jobs after it
+    complete, their lines land in a new echo.log, and the server stops on SIGTERM (its
+    next rotation raised, the node's observer died, jobs stayed running, and SIGTERM
+    did not end it)."""
+    server = launch(tmp_path / "srv", watchers="false", log_file_max_bytes="2000")
+    try:
+        with server.client() as client:
+            made = client.post("/api/echo/process", json={"file_path": place(server, "echo", "a")})
+            assert made.status_code == 201, made.text
+            server.wait_job(made.json()["id"])
+            log_file = server.data_dir / "logs" / "echo.log"
+            deadline = time.monotonic() + 10
+            while not log_file.exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            log_file.unlink()
+            ids = []
+            for i in range(10):
+                made = client.post("/api/echo/process",
+                                   json={"file_path": place(server, "echo", f"b{i}")})
+                assert made.status_code == 201, made.text
+                ids.append(made.json()["id"])
+        for job_id in ids:
+            assert server.wait_job(job_id)["status"] == "completed"
+        deadline = time.monotonic() + 10
+        while not (log_file.exists() and ids[-1].encode() in log_file.read_bytes()):
+            assert time.monotonic() < deadline, "no new echo.log"
+            time.sleep(0.1)
+    finally:
+        assert server.stop() == 0, server.log_text()[-2000:]
+
+
+def test_a_name_that_is_not_utf8_is_refused_and_its_reason_logged(tmp_path: Path) -> None:
+    """With JSON logs, the line saying why `caf\\xe9.txt` was refused is written (escaped),
+    and the watcher goes on (the line raised, and the watcher died of it)."""
+    server = launch(tmp_path / "srv")
+    try:
+        inbox = server.input_dir("echo")
+        with open(os.path.join(os.fsencode(inbox), b"caf\xe9.txt"), "wb") as handle:
+            handle.write(b"hello")
+        deadline = time.monotonic() + 15
+        while "file_rejected" not in server.log_text():
+            assert time.monotonic() < deadline, server.log_text()[-2000:]
+            time.sleep(0.1)
+        assert list((server.data_dir / "echo" / "error").iterdir())
+        assert "watcher_failed" not in server.log_text()
+    finally:
+        server.stop()
