@@ -58,10 +58,15 @@ async def _renew(cluster: Cluster, name: str, lease_s: float, renew_s: float) ->
     while True:
         await anyio.sleep(renew_s)
         started_s = anyio.current_time()
+        # A renewal that hangs (a partition: no reset, TCP retrying for minutes) must not
+        # outlast the lease: another node takes it once it expires, and the work would run
+        # on both. Give up in time to stop first.
+        patience_s = max(0.05, renewed_s + lease_s - renew_s - started_s)
         try:
-            if not await cluster.hold_lease(name, lease_s):
-                return
-        except StoreError:
+            with anyio.fail_after(patience_s):
+                if not await cluster.hold_lease(name, lease_s):
+                    return
+        except (StoreError, TimeoutError):
             if anyio.current_time() - renewed_s >= lease_s - renew_s:
                 return
             continue
