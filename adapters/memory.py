@@ -170,9 +170,9 @@ class MemoryEventStore:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    async def get_checkpoint(self, name: str) -> int:
-        """The seq a consumer has handled up to (0 if it never ran)."""
-        return self._checkpoints.get(name, 0)
+    async def get_checkpoint(self, name: str) -> int | None:
+        """The seq a consumer has handled up to (None if it never ran)."""
+        return self._checkpoints.get(name)
 
     async def set_checkpoint(self, name: str, seq: int) -> None:
         """Record that the consumer `name` has handled every event up to `seq`."""

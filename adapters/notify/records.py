@@ -34,8 +34,8 @@ class AlertRecord(msgspec.Struct, frozen=True, kw_only=True):
 class NotificationStore(Protocol):
     """Durable notifier state; the SQLite and memory event stores provide it."""
 
-    async def get_checkpoint(self, name: str) -> int:
-        """The seq a consumer has handled up to (0 if it never ran)."""
+    async def get_checkpoint(self, name: str) -> int | None:
+        """The seq a consumer has handled up to (None if it never ran)."""
         ...
 
     async def set_checkpoint(self, name: str, seq: int) -> None:

@@ -154,6 +154,12 @@ class WebhookConsumer:
         while True:
             try:
                 saved = await self.records.get_checkpoint(self.checkpoint_name)
+                if saved is None:
+                    # A target new to this log starts with what happens from now on, not
+                    # with the whole history: its checkpoint is the head.
+                    saved = await self.store.last_seq()
+                    await self.records.set_checkpoint(self.checkpoint_name, saved)
+                    log.info("webhook_starts_at_head", target=self.target.name, seq=saved)
                 self.position = max(self.position, saved)  # never go back within one life
                 if not started:
                     started = True

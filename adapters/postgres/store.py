@@ -571,10 +571,10 @@ class PostgresEventStore:
 
     # -- notifier state ----------------------------------------------------------------
 
-    async def get_checkpoint(self, name: str) -> int:
-        """The seq a consumer has handled up to (0 if it never ran)."""
+    async def get_checkpoint(self, name: str) -> int | None:
+        """The seq a consumer has handled up to (None if it never ran)."""
         rows = await self._fetch("SELECT seq FROM checkpoints WHERE name = %s", (name,))
-        return int(rows[0][0]) if rows else 0
+        return int(rows[0][0]) if rows else None
 
     async def set_checkpoint(self, name: str, seq: int) -> None:
         """Record that the consumer `name` has handled every event up to `seq`."""

@@ -624,3 +624,25 @@ async def test_a_full_disk_while_recording_an_alert_does_not_end_the_engine(
                 tg.cancel_scope.cancel()
         except* StoreFull:
             pytest.fail("StoreFull escaped the alert engine")
+
+
+@pytest.mark.anyio
+async def test_a_target_added_to_a_log_with_a_history_hears_of_new_jobs_only(
+        tmp_path: Path) -> None:
+    """A webhook added to a server that has run for months starts at the log's head: its
+    receiver is not sent every job that ever finished (and its first news does not wait
+    behind them)."""
+    data = tmp_path / "data"
+    async with running(data, Settings()) as (kernel, _):
+        old = [await submit(kernel, "alpha", f"old{i}.txt") for i in range(20)]
+        for job in old:
+            await kernel.wait(job.id, timeout_s=10)
+    with Receiver(SECRET) as receiver:
+        async with running(data, Settings(webhooks=[hook(receiver, "crm")])) as (kernel, _):
+            new = await submit(kernel, "alpha", "new.txt")
+            await kernel.wait(new.id, timeout_s=10)
+            await eventually(lambda: any(r.json()["job"]["id"] == new.id
+                                         for r in receiver.delivered()), what="the new job")
+            await anyio.sleep(0.2)
+    old_ids = {job.id for job in old}
+    assert [r for r in receiver.delivered() if r.json()["job"]["id"] in old_ids] == []
