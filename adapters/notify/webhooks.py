@@ -12,6 +12,7 @@ never slows job processing.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -27,6 +28,7 @@ import anyio.abc
 import msgspec
 import structlog
 
+from adapters.config import masked_url
 from adapters.http.schemas import EventOut, JobOut, event_out
 from adapters.notify.records import DeadLetter, NotificationStore
 from adapters.notify.settings import EventKind, WebhookTarget
@@ -81,9 +83,21 @@ def connect(target: WebhookTarget) -> http.client.HTTPConnection:
     parts = urllib.parse.urlsplit(target.url)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     try:
-        return kind(parts.netloc, timeout=target.timeout_s)
+        # The host alone: `user:pass@` of the URL goes in an Authorization header, never
+        # into a name to resolve.
+        return kind(parts.hostname or "", parts.port, timeout=target.timeout_s)
     except (ValueError, http.client.HTTPException) as exc:
-        raise SendFailed(f"bad url {target.url!r}: {exc}", retryable=False) from exc
+        raise SendFailed(f"bad url {masked_url(target.url)!r}: {exc}",
+                         retryable=False) from exc
+
+
+def basic_auth(url: str) -> dict[str, str]:
+    """The Authorization header of a URL's `user:password@`, if it has one."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return {}
+    pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode("ascii")}
 
 
 def post(conn: http.client.HTTPConnection, target: WebhookTarget, body: bytes,
@@ -116,7 +130,8 @@ async def send_signed(target: WebhookTarget, body: bytes, event_type: str, key: 
     headers = {"Content-Type": "application/json", "User-Agent": "multiflow-webhook/1",
                "X-Multiflow-Event": event_type, "X-Multiflow-Delivery": key,
                "X-Multiflow-Timestamp": timestamp,
-               "X-Multiflow-Signature": sign(target.secret, timestamp, body)}
+               "X-Multiflow-Signature": sign(target.secret, timestamp, body),
+               **basic_auth(target.url)}
     conn = connect(target)
     try:
         # The socket timeout bounds every read and write; the outer bound covers the rest.
@@ -263,4 +278,5 @@ def describe(target: WebhookTarget) -> dict[str, Any]:
     """A target without its secret, for logs and the API."""
     data: dict[str, Any] = msgspec.to_builtins(target)
     data["secret"] = "****"
+    data["url"] = masked_url(target.url)
     return data

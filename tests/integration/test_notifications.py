@@ -8,6 +8,7 @@ notifier's own filter. The receiver checks every signature over the wire.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -646,3 +647,23 @@ async def test_a_target_added_to_a_log_with_a_history_hears_of_new_jobs_only(
             await anyio.sleep(0.2)
     old_ids = {job.id for job in old}
     assert [r for r in receiver.delivered() if r.json()["job"]["id"] in old_ids] == []
+
+
+@pytest.mark.anyio
+async def test_a_url_with_user_info_is_delivered_with_basic_auth_and_never_shown(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`https://user:password@host/hook`: delivered with an Authorization header (the
+    user info was taken for part of the host name, and nothing was ever delivered), and
+    the password appears in no log line."""
+    password = "pa55w0rd-do-not-leak"
+    with Receiver(SECRET) as receiver:
+        url = receiver.url.replace("http://", f"http://hook:{password}@")
+        target = WebhookTarget(name="crm", url=url, secret=SECRET, timeout_s=2.0,
+                               backoff_base_s=0.01, backoff_max_s=0.05)
+        async with running(tmp_path / "data", Settings(webhooks=[target])) as (kernel, _):
+            job = await submit(kernel, "alpha", "a.txt")
+            await kernel.wait(job.id, timeout_s=10)
+            await eventually(lambda: bool(receiver.delivered()), what="the delivery")
+    assert receiver.delivered()[0].headers["authorization"] == \
+        "Basic " + base64.b64encode(f"hook:{password}".encode()).decode()
+    assert password not in capsys.readouterr().out
