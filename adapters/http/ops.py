@@ -94,12 +94,22 @@ async def _health(request: Request) -> Health:
     return Health(status="ready" if ready else "not ready", checks=checks)
 
 
+PROBE_NAME = "readyz:write-probe"  # the checkpoint row /readyz writes to prove the store writable
+
+
 async def _store_check(request: Request) -> Check:
+    """Writable, proved by a write: a durable commit of a probe row beside the log (the
+    SQLite store answers `last_seq` from memory, and a store whose disk refuses writes
+    looked ready)."""
+    store = app_state(request).kernel.store
     try:
         with anyio.fail_after(2):
-            await app_state(request).kernel.store.last_seq()
+            seq = await store.last_seq()
+            write = getattr(store, "set_checkpoint", None)
+            if write is not None:
+                await write(PROBE_NAME, seq)
     except Exception as exc:  # any failure means "not ready", with the reason shown
-        return Check("store", False, str(exc))
+        return Check("store", False, f"{type(exc).__name__}: {exc}")
     return Check("store", True)
 
 

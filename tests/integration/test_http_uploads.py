@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -256,3 +257,44 @@ async def test_public_routes_answer_without_a_token_when_mounted(tmp_path: Path)
             codes = {p: (await http.get(f"/multiflow{p}")).status_code
                      for p in ("/livez", "/readyz", "/openapi.json")}
     assert codes == {"/livez": 200, "/readyz": 200, "/openapi.json": 200}, codes
+
+
+class RefusesWrites:
+    """The SQLite writer's connection on a disk that refuses writes (an I/O error, a file
+    system remounted read-only): reads work, every write fails."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def _check(self, sql: str) -> None:
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE", "BEGIN", "REPLACE")):
+            raise sqlite3.OperationalError("disk I/O error")
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self._check(sql)
+        return self._real.execute(sql, *args)
+
+    def executemany(self, sql: str, *args: Any) -> Any:
+        self._check(sql)
+        return self._real.executemany(sql, *args)
+
+
+async def test_readyz_is_503_while_the_store_refuses_writes(tmp_path: Path) -> None:
+    """/readyz proves the store writable with a write: a store whose disk refuses every
+    write is "not ready" (it answered from memory, and a load balancer kept sending work
+    to a node that could take none), and ready again once writes work."""
+    async with kernel_app(tmp_path / "data", disk_free_min_bytes=0) as (kernel, app), \
+            client(app) as http:
+        assert (await http.get("/readyz")).status_code == 200
+        store: Any = kernel.store
+        real, store._writer = store._writer, RefusesWrites(store._writer)
+        try:
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert any(c["name"] == "store" and not c["ok"] for c in ready.json()["checks"])
+        finally:
+            store._writer = real
+        assert (await http.get("/readyz")).status_code == 200
