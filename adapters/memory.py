@@ -185,9 +185,9 @@ class MemoryEventStore:
         letter_id = max(self._dead, default=0) + 1
         self._dead[letter_id] = msgspec.structs.replace(letter, id=letter_id)
 
-    async def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The dead letters, oldest first."""
-        return [self._dead[k] for k in sorted(self._dead)][:limit]
+    async def list_dead_letters(self, limit: int = 100, after_id: int = 0) -> list[DeadLetter]:
+        """The dead letters with ids past `after_id`, oldest first."""
+        return [self._dead[k] for k in sorted(self._dead) if k > after_id][:limit]
 
     async def remove_dead_letter(self, letter_id: int) -> None:
         """Forget a dead letter (it was redelivered)."""

@@ -28,9 +28,21 @@ def _records(request: Request) -> NotificationStore:
 
 
 async def dead_letters(request: Request) -> Response:
-    """GET /api/notifications/dead: deliveries that exhausted their attempts."""
-    letters: list[DeadLetter] = await _records(request).list_dead_letters(1000)
+    """GET /api/notifications/dead?after=ID&limit=N: deliveries that exhausted their
+    attempts, oldest first; page on with `after` = the last id of a page."""
+    limit = _number(request, "limit", 1000, 1, 1000)
+    after = _number(request, "after", 0, 0, 2**63 - 1)
+    letters: list[DeadLetter] = await _records(request).list_dead_letters(limit, after)
     return json_response(letters)
+
+
+def _number(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
+        raise ApiError(422, f"{name} must be a whole number within {low}..{high}", field=name)
+    return int(raw)
 
 
 async def redeliver_letter(request: Request) -> Response:
@@ -39,7 +51,8 @@ async def redeliver_letter(request: Request) -> Response:
     if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
         raise ApiError(404, f"no dead letter {raw}")
     records = _records(request)
-    letter = next((d for d in await records.list_dead_letters(100_000) if d.id == int(raw)), None)
+    found = await records.list_dead_letters(1, int(raw) - 1)
+    letter = found[0] if found and found[0].id == int(raw) else None
     if letter is None:
         raise ApiError(404, f"no dead letter {raw}")
     targets = {t.name: t for t in app_state(request).settings.webhooks}

@@ -46,8 +46,8 @@ class NotificationStore(Protocol):
         """Keep a delivery that exhausted its attempts (once per target and seq)."""
         ...
 
-    async def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The dead letters, oldest first."""
+    async def list_dead_letters(self, limit: int = 100, after_id: int = 0) -> list[DeadLetter]:
+        """The dead letters with ids past `after_id`, oldest first."""
         ...
 
     async def remove_dead_letter(self, letter_id: int) -> None:

@@ -591,11 +591,11 @@ class PostgresEventStore:
             (letter.target, letter.seq, letter.job_id, letter.event_type, letter.attempts,
              letter.last_error, letter.created_at.isoformat()))
 
-    async def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The dead letters, oldest first."""
+    async def list_dead_letters(self, limit: int = 100, after_id: int = 0) -> list[DeadLetter]:
+        """The dead letters with ids past `after_id`, oldest first."""
         rows = await self._fetch(
             "SELECT id, target, seq, job_id, event_type, attempts, last_error, created_at "
-            "FROM dead_letters ORDER BY id LIMIT %s", (limit,))
+            "FROM dead_letters WHERE id > %s ORDER BY id LIMIT %s", (after_id, limit))
         return [dead_letter_of(row) for row in rows]
 
     async def remove_dead_letter(self, letter_id: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -667,3 +668,38 @@ async def test_a_url_with_user_info_is_delivered_with_basic_auth_and_never_shown
     assert receiver.delivered()[0].headers["authorization"] == \
         "Basic " + base64.b64encode(f"hook:{password}".encode()).decode()
     assert password not in capsys.readouterr().out
+
+
+@pytest.mark.anyio
+async def test_dead_letters_page_on_and_any_one_can_be_redelivered(tmp_path: Path) -> None:
+    """Past the first 1,000 (a receiver that answered 401 to everything for a day), the
+    list pages on with `after`, and the newest letter can be redelivered (it was looked
+    for among the 100,000 oldest: 404)."""
+    data = tmp_path / "data"
+    async with running(data, Settings()):
+        pass  # the log and its tables
+    with sqlite3.connect(data / "multiflow.db") as conn:
+        conn.executemany(
+            "INSERT INTO dead_letters (target, seq, job_id, event_type, attempts, last_error, "
+            "created_at) VALUES ('crm', ?, 'X', 'job.completed', 1, 'HTTP 401', "
+            "'2026-01-01T00:00:00+00:00')", [(-i,) for i in range(1, 1501)])
+    with Receiver(SECRET) as receiver:
+        receiver.fail_always(status=401)
+        target = hook(receiver, name="crm")
+        settings = Settings(webhooks=[target], api_tokens=[f"test:{TOKEN}"])
+        async with running(data, settings) as (kernel, _), api(kernel, settings) as client:
+            job = await submit(kernel, "alpha", "a.txt")
+            await kernel.wait(job.id, timeout_s=10)
+            store: Any = kernel.store
+            await eventually(lambda: _count(store.list_dead_letters(5000), 1501),
+                             what="the new dead letter")
+            first = (await client.get("/api/notifications/dead")).json()
+            assert len(first) == 1000
+            rest = (await client.get("/api/notifications/dead",
+                                     params={"after": first[-1]["id"]})).json()
+            assert len(rest) == 501 and rest[-1]["job_id"] == job.id
+            assert (await client.get("/api/notifications/dead",
+                                     params={"limit": "0"})).status_code == 422
+            receiver.fail_always(False)
+            answer = await client.post(f"/api/notifications/dead/{rest[-1]['id']}/redeliver")
+            assert answer.status_code == 200, answer.text
