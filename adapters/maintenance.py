@@ -227,21 +227,46 @@ async def restore(backup_path: Path, db_path: Path, now: datetime | None = None
 
 
 def _put_in_place(backup_path: Path, db_path: Path, stamp: str) -> list[str]:
-    """Copy the backup beside the log, keep the old log (with its WAL), rename the copy in."""
+    """Copy the backup beside the log, keep the old log, swap the copy in atomically.
+
+    At every instant `multiflow.db` is the old log or the new one, so a crash anywhere
+    leaves a log to start on (the old one was renamed away first, and a crash before the
+    copy was renamed in left none: the next start made an empty log). The old log's WAL
+    is folded into it first, so no stale `-wal` can be read as the new file's.
+    """
     incoming = db_path.with_name(f".{db_path.name}.restoring{TEMP_SUFFIX}")
     shutil.copyfile(backup_path, incoming)
     _fsync_file(incoming)
     kept: list[str] = []
-    # SQLite finds a WAL by name: the -wal and -shm files move with their database.
-    for suffix in ("", "-wal", "-shm"):
-        current = Path(f"{db_path}{suffix}")
-        if current.exists():
-            old = Path(f"{db_path}.before-restore-{stamp}{suffix}")
-            os.rename(current, old)
-            kept.append(str(old))
-    os.rename(incoming, db_path)
+    if db_path.exists():
+        _fold_wal(db_path)
+        # SQLite finds a WAL by name: one left (the fold failed on a damaged log) is kept
+        # beside the kept log, and removed before the swap.
+        for suffix in ("", "-wal", "-shm"):
+            current = Path(f"{db_path}{suffix}")
+            if current.exists():
+                old = Path(f"{db_path}.before-restore-{stamp}{suffix}")
+                os.link(current, old)
+                kept.append(str(old))
+        fsync_dir(db_path.parent)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    os.replace(incoming, db_path)
     fsync_dir(db_path.parent)
     return kept
+
+
+def _fold_wal(db_path: Path) -> None:
+    """Checkpoint the log's WAL into it and leave it a single file (best effort)."""
+    try:
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log.warning("restore_wal_not_folded", path=str(db_path), error=str(exc))
 
 
 def _fsync_file(path: Path) -> None:

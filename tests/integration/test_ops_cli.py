@@ -436,6 +436,53 @@ def test_restore_puts_a_verified_backup_back_and_keeps_the_replaced_log(tmp_path
     assert code == 0, out
 
 
+CRASHING_RESTORE = """
+import os, sys
+from pathlib import Path
+import anyio
+from adapters import maintenance
+
+point = sys.argv[3]
+real_link, real_replace = os.link, os.replace
+
+def link(src, dst, **kw):
+    real_link(src, dst, **kw)
+    if point == "after the old log is kept":
+        os._exit(9)
+
+def replace(src, dst):
+    if point == "before the swap":
+        os._exit(9)
+    real_replace(src, dst)
+    if point == "after the swap":
+        os._exit(9)
+
+os.link, os.replace = link, replace
+anyio.run(maintenance.restore, Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("point", ["after the old log is kept", "before the swap",
+                                   "after the swap"])
+def test_a_crash_during_restore_leaves_the_old_log_or_the_new_one(tmp_path: Path,
+                                                                  point: str) -> None:
+    """A power cut at any step of a restore leaves multiflow.db as the old log or as the
+    backup, whole (the old log was renamed away first: a crash then left none, and the
+    next start began an empty log)."""
+    data = data_folder(tmp_path, jobs=5)  # 15 events
+    code, out = cli("backup", "--data-dir", str(data), str(tmp_path / "b.db"))
+    assert code == 0, out
+    fill(data / "multiflow.db", 8)  # 24 events now, some in the WAL
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASHING_RESTORE, str(tmp_path / "b.db"),
+         str(data / "multiflow.db"), point],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        cwd=tmp_path, capture_output=True, text=True)
+    assert crashed.returncode == 9, crashed.stderr
+    check = anyio.run(check_log, data / "multiflow.db")
+    assert check.ok and check.last_seq == (15 if point == "after the swap" else 24)
+
+
 def test_restore_refuses_a_backup_that_does_not_verify(tmp_path: Path) -> None:
     """A backup with an edited event is refused and the live log is left alone."""
     data = data_folder(tmp_path)
