@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,7 +136,10 @@ def rebuild(data_dir: Path | None, store: str | None) -> None:
                 return await rebuild_postgres(shared)
             finally:
                 await shared.close()
-        opened = await SqliteEventStore.open(sqlite_path(store, data_dir))
+        path = sqlite_path(store, data_dir)
+        if not path.is_file():  # a mistyped --data-dir must not become an empty new log
+            raise StoreUnavailable(f"no event log at {path}")
+        opened = await SqliteEventStore.open(path)
         try:
             return await opened.rebuild()
         finally:
@@ -147,6 +151,9 @@ def rebuild(data_dir: Path | None, store: str | None) -> None:
         fail(f"{exc}. rebuild needs the store to itself", 2)
     except StoreError as exc:
         fail(str(exc), 2)
+    except sqlite3.Error as exc:
+        fail(f"the log cannot be used: {exc}. Check it with `multiflow doctor`; `multiflow "
+             "restore` puts a backup back", 2)
     console.print(f"rebuilt {report.jobs:,} jobs from {report.events:,} events in "
                   f"{report.seconds:.2f} s ({report.events_per_s:,.0f} events/s)")
 
@@ -196,12 +203,17 @@ def parse_point(text: str) -> tuple[int | None, datetime | None]:
 @main.command("migrate-store")
 @data_dir_option
 @click.option("--from", "source", default=None,
-              help="The SQLite log to copy [default: DATA_DIR/multiflow.db].")
+              help="The SQLite log to copy, a path or sqlite:///PATH "
+                   "[default: DATA_DIR/multiflow.db].")
 @click.option("--to", "target", required=True,
               help="An empty PostgreSQL store: postgresql://user@host:5432/db?schema=multiflow")
 def migrate_store_command(data_dir: Path | None, source: str | None, target: str) -> None:
-    """Copy an SQLite log into PostgreSQL (hash chain preserved and verified)."""
+    """Copy an SQLite log into PostgreSQL (hash chain preserved and verified), in one
+    transaction: refused while a server writes the log; interrupted, it leaves the target
+    empty and can run again."""
     data_dir = data_dir or settings().data_path
+    if source is not None and not source.startswith("sqlite:///"):
+        source = f"sqlite:///{source}"
     from rich.progress import Progress
 
     from adapters.postgres.migrate import migrate_store
@@ -215,11 +227,16 @@ def migrate_store_command(data_dir: Path | None, source: str | None, target: str
 
         try:
             report = anyio.run(migrate_store, path, target, progress)
+        except StoreLocked as exc:
+            fail(f"{exc}. Stop the server first: the events it writes after the copy "
+                 "would be lost", 2)
         except (StoreError, ValueError) as exc:
             fail(str(exc), 2)
-    console.print(f"copied {report.events:,} events, {report.jobs:,} jobs and "
-                  f"{report.checkpoints} checkpoints; the chain verifies "
-                  f"(head {report.head_hash[:16]}…)")
+        except sqlite3.Error as exc:
+            fail(f"the log cannot be used: {exc}", 2)
+    console.print(f"copied {report.events:,} events, {report.jobs:,} jobs, "
+                  f"{report.checkpoints} checkpoints, {report.dead_letters} dead letters and "
+                  f"{report.alerts} alerts; the chain verifies (head {report.head_hash[:16]}…)")
 
 
 @main.command("new-workflow")

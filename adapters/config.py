@@ -88,8 +88,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         _check(self.log_file_backups >= 1, "log_file_backups",
                "must be at least 1 (a file past log_file_max_bytes is rotated to .1)")
         _check(self.sse_queue_max >= 1, "sse_queue_max", "must be at least 1")
-        _check(self.archive_retention_days >= 0, "archive_retention_days",
-               "must not be negative (0 keeps the archive for ever)")
+        _check(0 <= self.archive_retention_days <= 100 * 365, "archive_retention_days",
+               "must be within 0..36500 (0 keeps the archive for ever)")
         _check(self.cleanup_interval_s >= 60, "cleanup_interval_s", "must be at least 60")
         for token in self.api_tokens:
             _check(bool(token_secret(token)), "api_tokens", "a token's secret may not be empty")

@@ -294,6 +294,12 @@ def log_size(db_path: Path) -> int:
     return sum(p.stat().st_size for p in (db_path, Path(f"{db_path}-wal")) if p.exists())
 
 
+def damaged(db_path: Path, exc: sqlite3.Error) -> MaintenanceError:
+    """The error of a log SQLite cannot work on, with what to do."""
+    return MaintenanceError(f"{db_path} cannot be used: {exc}. Check it with `multiflow "
+                            "doctor`; `multiflow restore` puts a backup back")
+
+
 def vacuum(db_path: Path) -> VacuumReport:
     """Rewrite the log compactly (VACUUM, then ANALYZE); needs the store to itself."""
     if not db_path.is_file():
@@ -314,6 +320,8 @@ def vacuum(db_path: Path) -> VacuumReport:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()
+    except sqlite3.Error as exc:
+        raise damaged(db_path, exc) from exc
     finally:
         lock.release()
     return VacuumReport(mode="vacuum", before_bytes=before, after_bytes=log_size(db_path))
@@ -324,12 +332,16 @@ def checkpoint(db_path: Path) -> VacuumReport:
     if not db_path.is_file():
         raise StoreUnavailable(f"no event log at {db_path}")
     before = log_size(db_path)
-    conn = sqlite3.connect(db_path, isolation_level=None)
     try:
-        conn.execute("PRAGMA busy_timeout=5000")
-        busy, wal_pages, done_pages = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    finally:
-        conn.close()
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            busy, wal_pages, done_pages = conn.execute(
+                "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise damaged(db_path, exc) from exc
     detail = "the WAL is folded in and truncated" if not busy else \
         f"readers held part of the WAL ({done_pages} of {wal_pages} pages folded in); try later"
     return VacuumReport(mode="checkpoint", before_bytes=before, after_bytes=log_size(db_path),
@@ -366,13 +378,19 @@ def parse_age(text: str) -> timedelta:
     found = AGE.match(text.strip().lower())
     if found is None:
         raise ValueError(f"{text!r} is not an age: use a number and a unit, e.g. 30d, 12h, 2w")
-    return timedelta(seconds=float(found[1]) * AGE_UNITS_S[found[2]])
+    try:
+        return timedelta(seconds=float(found[1]) * AGE_UNITS_S[found[2]])
+    except OverflowError:
+        raise ValueError(f"{text!r} is longer than any date can go back") from None
 
 
 def plan_cleanup(data_dir: Path, older_than: timedelta, now: datetime, *,
                  include_output: bool = False) -> CleanupReport:
     """What is older than `older_than` in each workflow's archive/ (and output/ if asked)."""
-    cutoff = now - older_than
+    try:
+        cutoff = now - older_than
+    except OverflowError:  # further back than any date: nothing is that old
+        cutoff = datetime.min.replace(tzinfo=UTC)
     removals: list[Removal] = []
     for workflow in _workflow_dirs(data_dir):
         removals += _old_days(data_dir, workflow / "archive", cutoff)
@@ -488,13 +506,13 @@ async def cleanup_daily(kernel: Kernel, settings: Settings, *,
             for path in await anyio.to_thread.run_sync(kernel.files.sweep_staging, time.time()):
                 log.info("staging_removed", path=path.name,
                          reason="an upload cut short (unwritten for an hour)")
-        except OSError:
+        except Exception:
             log.exception("staging_cleanup_failed")
         if settings.archive_retention_days > 0:
             try:
                 report = await anyio.to_thread.run_sync(
                     lambda: cleanup(kernel.files.data_dir, older_than, datetime.now(UTC)))
-            except OSError:
+            except Exception:  # a cleanup that fails must never stop the server
                 log.exception("archive_cleanup_failed")
             else:
                 _log_cleanup(report)

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import os
 import urllib.parse
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -542,10 +543,13 @@ def explain_file(file: dict[str, Any]) -> None:
 
 @main.command()
 @store_command
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest")
 def backup(config_file: Path | None, data_dir: Path | None, store: str | None,
-           dest: Path) -> None:
-    """Copy the log to DEST (a file, or a folder for a stamped name) while the server runs."""
+           dest: str) -> None:
+    """Copy the log to DEST (a file, or a folder for a stamped name) while the server runs;
+    a DEST that ends in / must be an existing folder."""
+    if dest.endswith(("/", os.sep)) and not Path(dest).is_dir():
+        die(f"the folder {dest} does not exist (is the backup disk mounted?)", 2)
     _, db = db_of(config_file, data_dir, store)
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("copying the log", total=None)
@@ -554,7 +558,7 @@ def backup(config_file: Path | None, data_dir: Path | None, store: str | None,
             progress.update(task, completed=done, total=total)
 
         try:
-            report = anyio.run(maintenance.backup, db, dest, pages)
+            report = anyio.run(maintenance.backup, db, Path(dest), pages)
         except (maintenance.MaintenanceError, StoreError) as exc:
             die(str(exc), 2)
     check = report.check

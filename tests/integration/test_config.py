@@ -49,6 +49,7 @@ def test_lists_come_comma_separated_from_the_environment(tmp_path: Path) -> None
     ({"MULTIFLOW_DISK_FREE_MIN_BYTES": "-5"}, "disk_free_min_bytes"),
     ({"MULTIFLOW_LOG_FILE_MAX_BYTES": "-1"}, "log_file_max_bytes"),
     ({"MULTIFLOW_LOG_FILE_BACKUPS": "0"}, "log_file_backups"),
+    ({"MULTIFLOW_ARCHIVE_RETENTION_DAYS": "1000000"}, "archive_retention_days"),
 ])
 def test_an_invalid_setting_names_its_key(env: dict[str, str], key: str) -> None:
     """A bad global setting stops start-up with a message naming the key."""

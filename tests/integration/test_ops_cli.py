@@ -483,6 +483,50 @@ def test_a_crash_during_restore_leaves_the_old_log_or_the_new_one(tmp_path: Path
     assert check.ok and check.last_seq == (15 if point == "after the swap" else 24)
 
 
+def test_rebuild_of_a_missing_log_is_refused_instead_of_making_an_empty_one(
+        tmp_path: Path) -> None:
+    """A mistyped --data-dir is an error (rebuild made a new, empty log and said it had
+    rebuilt 0 jobs)."""
+    wrong = tmp_path / "datta"
+    code, out = cli("rebuild", "--data-dir", str(wrong))
+    assert code == 2 and "no event log" in out, out
+    assert not (wrong / "multiflow.db").exists()
+
+
+@pytest.mark.parametrize("args", [["vacuum"], ["vacuum", "--online"], ["rebuild"]])
+def test_commands_on_a_damaged_log_say_so_instead_of_a_traceback(tmp_path: Path,
+                                                                  args: list[str]) -> None:
+    """A file that is not an SQLite log: a clear error naming it and exit code 2."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "multiflow.db").write_bytes(b"this is not an SQLite file\n" * 200)
+    result = CliRunner().invoke(main, [*args, "--data-dir", str(data)],
+                                env={"COLUMNS": "250"})
+    assert isinstance(result.exception, SystemExit | None), repr(result.exception)
+    assert result.exit_code == 2 and "error:" in result.output, result.output
+
+
+@pytest.mark.parametrize("age", ["1000000d", "99999999999d"])
+def test_cleanup_with_an_age_past_any_date_is_not_a_traceback(tmp_path: Path,
+                                                              age: str) -> None:
+    """An age further back than dates go: nothing is that old, or a usage error."""
+    data = data_folder(tmp_path, jobs=1)
+    result = CliRunner().invoke(main, ["cleanup", "--data-dir", str(data),
+                                       "--archive-older-than", age], env={"COLUMNS": "250"})
+    assert isinstance(result.exception, SystemExit | None), repr(result.exception)
+    assert result.exit_code in (0, 2), result.output
+
+
+def test_backup_into_a_folder_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    """`multiflow backup /srv/backups/multiflow/` with the folder missing (a first night,
+    an unmounted disk) is refused, not written as a file named like the folder."""
+    data = data_folder(tmp_path, jobs=2)
+    dest = tmp_path / "backups"
+    code, out = cli("backup", "--data-dir", str(data), f"{dest}/")
+    assert code == 2 and "does not exist" in out, out
+    assert not dest.exists()
+
+
 def test_restore_refuses_a_backup_that_does_not_verify(tmp_path: Path) -> None:
     """A backup with an edited event is refused and the live log is left alone."""
     data = data_folder(tmp_path)
