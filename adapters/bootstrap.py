@@ -230,7 +230,11 @@ class Kernel:
                 log.info("file_waits_for_its_names_job", workflow_name=workflow_name,
                          name=name, job_id=job.id)
                 return LATER
-            if not submitted.created and key is not None and not own_file:
+            if not submitted.created and own_file:
+                # The pending job's file, dropped again (replaced, or rewritten): its new
+                # bytes go through intake before the job may start.
+                self.manager.recheck(job.id)
+            elif not submitted.created and key is not None:
                 await self._keep_duplicate(job, name, key)  # same bytes as an earlier job
             return job.id
 

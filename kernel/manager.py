@@ -237,6 +237,17 @@ class JobManager(IntakeDuties, ClusterDuties):
             self._jobs[job_id] = job
             self._admit(job)
 
+    def recheck(self, job_id: str) -> None:
+        """The file of a pending job was replaced (dropped again under its name): take the
+        job out of the queue and through the intake checks again, for the new bytes."""
+        job = self._jobs.get(job_id)
+        if job is None or job.status is not Status.PENDING or job.attempts or \
+                job_id in self._running:
+            return
+        self.queue.discard(job_id)
+        if job_id not in self._intake:
+            self._admit(job)
+
     async def cancel(self, job_id: str, *, actor: str, reason: str = "") -> Job:
         """Cancel a pending or running job; a running processor is stopped."""
         with anyio.CancelScope(shield=True):  # once appended, the rest must follow

@@ -862,13 +862,47 @@ class GateThenRead(Gate):
 
 
 @pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
-async def test_a_file_changed_while_its_job_waits_is_not_processed_unchecked(
+async def test_a_file_changed_after_intake_unseen_is_not_processed_unchecked(
         tmp_path: Path, how: str) -> None:
-    """Intake passed a 9-byte data.txt; while its job waits for the slot, the file is
-    replaced by one past the size limit, or rewritten in place by a writer not done yet.
-    Those bytes never went through intake: the job fails as FileChanged (not retried)
-    and the file goes to error/ with its report; the processor never sees it (it used to
-    process the unchecked, or half-written, bytes)."""
+    """Intake passed a 9-byte data.txt (submitted through the API: no watcher looks at it
+    again); while its job waits for the slot, the file is replaced by one past the size
+    limit, or written to by a writer not done yet. Those bytes never went through intake:
+    the job fails as FileChanged (not retried) and the file goes to error/ with its
+    report; the processor never sees it (it processed the unchecked bytes)."""
+    gate = GateThenRead()
+    config = WorkflowConfig(settle_ms=50, max_size_bytes=100)
+    async with Kernel.open(data_dir=tmp_path / "data") as kernel:
+        kernel.register_workflow(WORKFLOW, gate, config=config)
+        await kernel.ready()
+        inbox = tmp_path / "data" / WORKFLOW / "input"
+        (inbox / "blocker.txt").write_bytes(b"hello\n")
+        await kernel.submit(WORKFLOW, "blocker.txt")
+        with anyio.fail_after(WAIT_S):
+            await gate.started.wait()
+        (inbox / "data.txt").write_bytes(b"small v1\n")
+        job = await kernel.submit(WORKFLOW, "data.txt")
+        await anyio.sleep(0.3)  # intake has passed it; it waits for the slot
+        if how == "replaced":
+            (inbox / ".data.txt").write_bytes(b"x" * 5000)
+            os.rename(inbox / ".data.txt", inbox / "data.txt")
+        else:
+            with open(inbox / "data.txt", "ab") as handle:
+                handle.write(b"a" * 50)
+        gate.release.set()
+        done = await kernel.wait(job.id, timeout_s=WAIT_S)
+        assert done.status is Status.FAILED and done.error is not None
+        assert done.error.type == "FileChanged" and done.attempts == 1
+        assert "data.txt" not in gate.seen
+        data_dir = tmp_path / "data"
+        assert (data_dir / done.current_path).is_file()
+        assert (data_dir / (done.current_path + ".error.json")).is_file()
+
+
+async def test_a_pending_jobs_file_dropped_again_goes_through_intake_again(
+        tmp_path: Path) -> None:
+    """The watcher sees data.txt dropped again while its job waits: the job goes through
+    intake again for the new bytes (refused here: past the size limit), and the
+    processor never sees them."""
     gate = GateThenRead()
     async with hot_folder(tmp_path, gate, settle_ms=50, max_size_bytes=100) as hot:
         hot.drop("blocker.txt")
@@ -877,16 +911,9 @@ async def test_a_file_changed_while_its_job_waits_is_not_processed_unchecked(
         hot.drop("data.txt", b"small v1\n")
         job = await hot.job_of("data.txt")
         await anyio.sleep(0.3)  # intake has passed it; it waits for the slot
-        assert (await hot.kernel.get_job(job.id)).status is Status.PENDING  # type: ignore[union-attr]
-        if how == "replaced":
-            hot.rename_in("data.txt", b"x" * 5000)
-        else:
-            with open(hot.inbox / "data.txt", "ab") as handle:
-                handle.write(b"a" * 50)
+        hot.rename_in("data.txt", b"x" * 5000)
+        done = await hot.kernel.wait(job.id, timeout_s=WAIT_S)  # refused while blocked
         gate.release.set()
-        done = await hot.kernel.wait(job.id, timeout_s=WAIT_S)
-        assert done.status is Status.FAILED and done.error is not None
-        assert done.error.type == "FileChanged" and done.attempts == 1
-        assert "data.txt" not in gate.seen
-        assert (hot.data_dir / done.current_path).is_file()
-        assert (hot.data_dir / (done.current_path + ".error.json")).is_file()
+    assert done.status is Status.FAILED and done.error is not None
+    assert done.error.type == "TooLarge"
+    assert "data.txt" not in gate.seen
