@@ -29,6 +29,7 @@ from adapters.metrics import Metrics
 from adapters.observe import Observer
 from adapters.sqlite import SqliteEventStore
 from adapters.watch import LATER, BaseWatcher, Submit, WatchfilesWatcher
+from kernel import layout
 from kernel.config import WorkflowConfig
 from kernel.decide import Rejected
 from kernel.manager import JobManager, Submitted, Workflow
@@ -37,6 +38,9 @@ from kernel.state import Job, Status, StoredEvent
 from kernel.task import BaseProcessor
 
 DEFAULT_DRAIN_GRACE_S = 30.0
+# Names waiting for their job to end, by job: a job that ends on another node is never
+# settled here (its name is picked up by the next rescan), so the oldest are forgotten.
+WAITING_REMEMBERED = 10_000
 log = structlog.get_logger("multiflow.kernel")
 
 
@@ -223,10 +227,14 @@ class Kernel:
             own_file = job.is_active and \
                 job.file_path == self.files.input_file_path(workflow_name, name)
             if own_file and not submitted.created and \
-                    (job.status is Status.RUNNING or job.attempts > 0):
-                # The name's job has its file in processing/ (running, or waiting for a
-                # retry): this is a new file under that name. It waits for that job to end.
+                    (job.status is Status.RUNNING or job.attempts > 0 or
+                     await anyio.Path(self.files.absolute(layout.processing_path(job))).exists()):
+                # The name's job has its file in processing/ (running, waiting for a retry,
+                # or moved by a claim that was then refused): this is a new file under that
+                # name. It waits for that job to end.
                 self._waiting_for[job.id] = (workflow_name, name)
+                if len(self._waiting_for) > WAITING_REMEMBERED:  # jobs that ended elsewhere
+                    del self._waiting_for[next(iter(self._waiting_for))]
                 log.info("file_waits_for_its_names_job", workflow_name=workflow_name,
                          name=name, job_id=job.id)
                 return LATER

@@ -47,9 +47,10 @@ class LocalExecutor:
             return await cast(Awaitable[dict[str, Any]], processor.process(ctx, task))
         if runner == "process" and isinstance(ctx, FileJobContext):
             return await self._in_process(processor, ctx, task)
-        returned = threading.Event()
+        began, returned = threading.Event(), threading.Event()
 
         def call() -> Any:
+            began.set()
             try:
                 return processor.process(ctx, task)
             finally:
@@ -61,8 +62,10 @@ class LocalExecutor:
         except anyio.get_cancelled_exc_class():
             # A timeout or a cancel: ctx.cancelled is true now, and the thread should
             # return soon. The attempt (its slot, and any next attempt of the job) waits
-            # for it, up to a grace: a thread cannot be stopped, only abandoned.
-            await _wait_for_thread(returned, ctx.job.id)
+            # for it, up to a grace: a thread cannot be stopped, only abandoned. (Stopped
+            # before its thread began, there is nothing to wait for.)
+            if began.is_set():
+                await _wait_for_thread(returned, ctx.job.id)
             raise
         return cast(dict[str, Any], result)
 

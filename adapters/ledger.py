@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from kernel.chain import GENESIS, link
 from kernel.events import Event, JobCreated, JobRetried, encode_event, event_tag
-from kernel.ports import Append, ConcurrencyConflict, DuplicateJob, NotClaimed, StoreError
+from kernel.ports import Append, ConcurrencyConflict, DuplicateJob, NotAfter, StoreError
 from kernel.state import Job, StoredEvent, apply
 
 FileKey = tuple[str, str]  # (workflow_name, file_path)
@@ -178,6 +178,6 @@ def conditions(appends: Sequence[Append]) -> list[tuple[int, ...]]:
     return out
 
 
-def unmet(job_id: str) -> NotClaimed:
+def unmet(job_id: str) -> NotAfter:
     """The refusal of an append whose batch's earlier appends were not all stored."""
-    return NotClaimed(f"job {job_id} not claimed: the append before it was refused")
+    return NotAfter(f"job {job_id} not claimed: the append before it was refused")

@@ -20,7 +20,7 @@ import anyio
 import structlog
 
 from adapters.fsutil import move
-from adapters.watch import WatchfilesWatcher, sha256_of
+from adapters.watch import LATER, WatchfilesWatcher, sha256_of
 from kernel.config import WorkflowConfig
 
 log = structlog.get_logger("multiflow.remote")
@@ -52,14 +52,14 @@ class RemoteUploader:
         """The watcher's submit: upload, move to sent/, or leave the file for a retry."""
         failures, retry_at = self.failures.get(name, (0, 0.0))
         if time.monotonic() < retry_at:
-            return None
+            return LATER  # the file (and its marker) wait for the next try
         try:
             job_id = await anyio.to_thread.run_sync(self.upload, name)
         except (UploadFailed, OSError) as exc:
             delay_s = min(BACKOFF_MAX_S, 2.0 ** failures)
             self.failures[name] = (failures + 1, time.monotonic() + delay_s)
             log.warning("upload_failed", name=name, error=str(exc), retry_in_s=delay_s)
-            return None
+            return LATER
         self.failures.pop(name, None)
         return job_id
 

@@ -62,6 +62,7 @@ from kernel.ports import (
     FileChanged,
     FileMissing,
     Files,
+    NotAfter,
     NotClaimed,
     StoreError,
     StoreFull,
@@ -507,7 +508,8 @@ class JobManager(IntakeDuties, ClusterDuties):
         for job, result in zip(claims, outcomes, strict=True):
             self._claimed(job, result)
         taken_count = sum(not isinstance(r, StoreError) for r in outcomes)
-        if taken_count < slots and any(isinstance(r, NotClaimed) for r in outcomes):
+        if taken_count < slots and any(isinstance(r, NotClaimed) and not isinstance(r, NotAfter)
+                                       for r in outcomes):
             # Free slots here, yet candidates refused: a cluster-wide limit holds them
             # until a job ends somewhere (the follower wakes us), or a second passes.
             self._cluster_full_until = anyio.current_time() + 1.0

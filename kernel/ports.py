@@ -186,6 +186,11 @@ class NotClaimed(StoreError):
     beside was refused (`Append.if_all_before`). Nothing was written."""
 
 
+class NotAfter(NotClaimed):
+    """A claim not taken because the append it was made beside was refused
+    (`Append.if_all_before`): no limit was reached."""
+
+
 class ClaimLimits(msgspec.Struct, frozen=True, kw_only=True):
     """What a shared store enforces, under its append lock, when it takes claims.
 

@@ -83,6 +83,10 @@ async def _migrate(source: SqliteEventStore, target: PostgresEventStore,
             if held is not None and held[0]:
                 raise StoreError("the target already holds events: migrate into an empty "
                                  "schema")
+            # A node started once on the empty target left its own bookkeeping (a webhook's
+            # checkpoint at 0): the source's replaces it.
+            for table in SIDE_TABLES:
+                await conn.execute(f"DELETE FROM {table}")
             jobs = await _copy(source, conn, total, progress)
             copied_rows = {table: await _copy_table(source, conn, table, columns)
                            for table, columns in SIDE_TABLES.items()}

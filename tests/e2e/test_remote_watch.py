@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -100,3 +101,27 @@ def test_two_files_with_the_same_bytes_are_two_jobs(server: Server, tmp_path: Pa
         _wait_sent(folder, 2, proc, timeout_s=30)
     server.wait_quiet()
     assert len(_jobs_of_channel(server, channel)) == 2
+
+
+def test_a_failed_upload_keeps_its_marker_for_the_retry(tmp_path: Path) -> None:
+    """With --marker, an upload that fails (the server down) leaves the file and its
+    marker for the retry (the marker was removed as if the file could never be a job,
+    and the file was never uploaded)."""
+    import anyio
+
+    from adapters.remote import RemoteUploader
+    from adapters.watch import MARKER_SUFFIX, BaseWatcher
+    from kernel.config import WorkflowConfig
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = int(probe.getsockname()[1])
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"data")
+    (folder / f"a.txt{MARKER_SUFFIX}").write_bytes(b"")
+    uploader = RemoteUploader(f"http://127.0.0.1:{closed}", "echo", folder, None)
+    watcher = BaseWatcher("echo", folder, WorkflowConfig(marker=True), uploader)
+    anyio.run(watcher._submit, "a.txt", (4, 0))
+    assert "a.txt" in uploader.failures  # to be retried
+    assert (folder / "a.txt").exists() and (folder / f"a.txt{MARKER_SUFFIX}").exists()

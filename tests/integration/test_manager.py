@@ -693,3 +693,58 @@ async def test_a_timed_out_thread_keeps_its_slot_until_it_returns(tmp_path: Path
     assert done.status is Status.FAILED and done.error is not None
     assert done.error.type == "Timeout" and done.attempts == 3
     assert processor.peak == 1
+
+
+class InThread(BaseProcessor):
+    def __init__(self) -> None:
+        self.ran = False
+
+    def process(self, ctx: JobContext, task: Any) -> dict[str, Any]:
+        self.ran = True
+        return {}
+
+
+async def test_a_thread_job_cancelled_during_its_claim_ends_at_once(tmp_path: Path) -> None:
+    """Stopped before its thread began, there is no thread to wait for: the job ends at
+    once (it held its slot for the whole 10 s grace and was logged as abandoned)."""
+    processor = InThread()
+    async with Kernel.open(data_dir=tmp_path, concurrency=1) as kernel:
+        kernel.register_workflow("t", processor)
+        await kernel.ready()
+        claim = kernel.files.claim
+        claiming, release = anyio.Event(), anyio.Event()
+
+        async def slow_claim(job: Any) -> None:  # the move into processing/ takes a while
+            claiming.set()
+            await release.wait()
+            await claim(job)
+
+        kernel.files.claim = slow_claim  # type: ignore[method-assign]
+        drop(tmp_path, "t", "a.txt")
+        job = await kernel.submit("t", "a.txt")
+        with anyio.fail_after(5):
+            await claiming.wait()
+        await kernel.cancel(job.id, actor="ops")
+        release.set()
+        with anyio.fail_after(2):
+            done = await kernel.wait(job.id)
+    assert done.status is Status.CANCELLED and not processor.ran
+
+
+async def test_a_refused_outcome_does_not_hold_up_the_next_claim(tmp_path: Path) -> None:
+    """The claim made beside an outcome the log refused is not taken for a cluster-wide
+    limit: with its slot free, the next job starts at once (the node stopped claiming
+    for a second)."""
+    async with Kernel.open(data_dir=tmp_path, concurrency=1) as kernel:
+        kernel.register_workflow("deep", DeepResult(), config=WorkflowConfig(max_attempts=1))
+        kernel.register_workflow("up", Upper())
+        await kernel.ready()
+        drop(tmp_path, "deep", "a.txt")
+        drop(tmp_path, "up", "b.txt")
+        a = await kernel.submit("deep", "a.txt")
+        b = await kernel.submit("up", "b.txt")
+        failed = await kernel.wait(a.id, timeout_s=10)
+        assert failed.error is not None and failed.error.type == "OutcomeRefused"
+        with anyio.fail_after(0.5):
+            done = await kernel.wait(b.id)
+    assert done.status is Status.COMPLETED

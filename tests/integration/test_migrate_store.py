@@ -17,6 +17,8 @@ from adapters import Kernel
 from adapters.audit import verify_chain
 from adapters.cli import main
 from adapters.notify.records import AlertRecord, DeadLetter
+from adapters.notify.settings import WebhookTarget
+from adapters.notify.webhooks import WebhookConsumer
 from adapters.postgres import PostgresEventStore
 from adapters.postgres.migrate import migrate_store
 from adapters.sqlite import SqliteEventStore
@@ -191,3 +193,37 @@ async def pg_last_seq(url: str) -> int:
         return await store.last_seq()
     finally:
         await store.close()
+
+
+def test_migrate_into_a_store_a_node_was_started_on_once(tmp_path: Path, target: str) -> None:
+    """A node started once on the empty target left a webhook checkpoint at 0: the source's
+    checkpoints replace it (the copy failed on the duplicate row)."""
+    data = tmp_path / "data"
+    anyio.run(make_history, data)  # the source has checkpoint webhook:ops = 7
+
+    async def start_once_on_the_target() -> None:
+        store = await PostgresEventStore.open(target)
+        try:
+            consumer = WebhookConsumer(
+                WebhookTarget(name="ops", url="http://127.0.0.1:9/hook", secret="s"),
+                store, store)
+            async with anyio.create_task_group() as tg:
+                await tg.start(consumer.run)  # a new target: checkpoint at the head (0)
+                tg.cancel_scope.cancel()
+            assert await store.get_checkpoint("webhook:ops") == 0
+            assert await store.last_seq() == 0  # no event: an empty store
+        finally:
+            await store.close()
+
+    anyio.run(start_once_on_the_target)
+    report = anyio.run(migrate_store, data / "multiflow.db", target)
+    assert report.checkpoints == 1
+
+    async def check() -> None:
+        store = await PostgresEventStore.open(target)
+        try:
+            assert await store.get_checkpoint("webhook:ops") == 7
+        finally:
+            await store.close()
+
+    anyio.run(check)

@@ -28,7 +28,8 @@ import structlog
 
 import adapters.watch
 from adapters import Kernel
-from adapters.watch import BaseWatcher, WatchfilesWatcher
+from adapters.watch import LATER, BaseWatcher, WatchfilesWatcher
+from kernel import layout
 from kernel.config import WorkflowConfig
 from kernel.events import JobCreated, JobDuplicateReceived
 from kernel.state import Job, Status
@@ -917,3 +918,21 @@ async def test_a_pending_jobs_file_dropped_again_goes_through_intake_again(
     assert done.status is Status.FAILED and done.error is not None
     assert done.error.type == "TooLarge"
     assert "data.txt" not in gate.seen
+
+
+async def test_a_file_dropped_while_its_pending_jobs_file_is_in_processing_waits(
+        tmp_path: Path) -> None:
+    """A claim refused after its early move (the outcome beside it refused) leaves a pending
+    job whose file is in processing/: a new file dropped under the name is new work that
+    waits for that job (it was taken for the job's own file, and never processed)."""
+    async with Kernel.open(data_dir=tmp_path / "data") as kernel:
+        kernel.register_workflow(WORKFLOW, Noop(), config=WorkflowConfig(enabled=False))
+        await kernel.ready()
+        data = tmp_path / "data"
+        (data / WORKFLOW / "input" / "b.txt").write_bytes(b"old")
+        job = await kernel.submit(WORKFLOW, "b.txt")
+        os.rename(data / WORKFLOW / "input" / "b.txt", data / layout.processing_path(job))
+        (data / WORKFLOW / "input" / "b.txt").write_bytes(b"new")
+        answer = await kernel._watch_submit(WORKFLOW)("b.txt", "stable:0ms", None)
+        assert answer == LATER
+        assert len(await kernel.store.active_jobs(WORKFLOW)) == 1
