@@ -114,6 +114,12 @@ class JobManager(IntakeDuties, ClusterDuties):
         self._jobs: dict[str, Job] = {}  # active jobs this manager knows
         self._running: dict[str, Attempt] = {}
         self._running_by_workflow: dict[str, int] = {}
+        # Attempts whose slot was released but whose outcome is not recorded yet: their
+        # slots stay taken for every claim but the ones made beside that outcome (which
+        # start only if it is recorded), so the log never shows more running than allowed.
+        self._finishing: dict[str, str] = {}  # job id -> workflow
+        self._finishing_by_workflow: dict[str, int] = {}
+        self._handover: str | None = None  # the workflow of the slot being handed over
         self._intake: deque[str] = deque()
         self._intake_ready = anyio.Event()
         # Claims whose store call failed, which may have committed all the same: job id ->
@@ -382,7 +388,8 @@ class JobManager(IntakeDuties, ClusterDuties):
     def _idle_wait_s(self) -> float:
         wait_s = 1.0
         # A retry falling due matters only when a slot is free to start it (else: spinning).
-        due = self.queue.next_due() if len(self._running) < self.concurrency else None
+        busy = len(self._running) + len(self._finishing)
+        due = self.queue.next_due() if busy < self.concurrency else None
         if due is not None:
             wait_s = min(wait_s, max(0.0, (due - self.clock.now()).total_seconds()))
         now_s = anyio.current_time()
@@ -392,30 +399,36 @@ class JobManager(IntakeDuties, ClusterDuties):
             wait_s = min(wait_s, min(self._blocked_until.values()) - now_s)
         return wait_s
 
-    def _pick_claims(self) -> tuple[list[Job], int]:
+    def _pick_claims(self, handover: Job | None = None) -> tuple[list[Job], int]:
         """The jobs to claim next, and how many of them may start (the free slots).
 
         On one node these are the same. In a cluster, spare candidates follow when other
         nodes are alive (they may take the first ones meanwhile); the slots offered by
         claims in flight count as taken, so that claims made together never offer more
-        than this node's free slots.
+        than this node's free slots. A finishing attempt's slot is free only to the claims
+        made beside its outcome (`handover`, the job finishing).
         """
         claims: list[Job] = []
         if not self._claiming or not self._lease_ok or \
                 self._cluster_full_until > anyio.current_time():
             return claims, 0
-        busy = len(self._running) - self._candidates + self._offered
+        finishing = len(self._finishing) - (handover is not None and handover.id in self._finishing)
+        busy = len(self._running) - self._candidates + self._offered + finishing
         free = self.concurrency - busy
         if free <= 0:
             return claims, 0
         spares = SPARE_CANDIDATES if self.cluster is not None and self._peers else 0
         now = self.clock.now()
-        while len(claims) < free + spares:
-            job = self.queue.pick(now, self._can_start)
-            if job is None:
-                break
-            self._reserve(job)
-            claims.append(job)
+        self._handover = handover.workflow_name if handover is not None else None
+        try:
+            while len(claims) < free + spares:
+                job = self.queue.pick(now, self._can_start)
+                if job is None:
+                    break
+                self._reserve(job)
+                claims.append(job)
+        finally:
+            self._handover = None
         slots = min(free, len(claims))
         if self.cluster is not None:
             self._candidates += len(claims)
@@ -436,7 +449,11 @@ class JobManager(IntakeDuties, ClusterDuties):
         limit = workflow.config.concurrency
         if limit is not None and self.cluster is not None:
             return True  # candidates beyond it are refused by the store (cluster-wide)
-        return limit is None or self._running_by_workflow.get(job.workflow_name, 0) < limit
+        if limit is None:
+            return True
+        name = job.workflow_name
+        finishing = self._finishing_by_workflow.get(name, 0) - (self._handover == name)
+        return self._running_by_workflow.get(name, 0) + finishing < limit
 
     def _reserve(self, job: Job) -> None:
         self._running[job.id] = Attempt(job)
@@ -575,14 +592,29 @@ class JobManager(IntakeDuties, ClusterDuties):
             await self._settle(await self._fresh_job(job.id))
             return
         self._release(job)
+        self._finishing[job.id] = job.workflow_name
+        self._finishing_by_workflow[job.workflow_name] = \
+            self._finishing_by_workflow.get(job.workflow_name, 0) + 1
+        try:
+            ended = await self._record_outcome(attempt, config, outcome)
+        finally:
+            del self._finishing[job.id]
+            self._finishing_by_workflow[job.workflow_name] -= 1
+            self._wake()
+        await self._settle(ended)
+
+    async def _record_outcome(self, attempt: Attempt, config: WorkflowConfig,
+                              outcome: Outcome) -> Job | None:
+        """Append the outcome (with the claims its slot goes to) until the log takes it;
+        the job as it ended (or as the log has it, when it was cancelled meanwhile)."""
+        job = attempt.job
         conflicts = 0
         store_failures = 0
         while True:
             events = self._outcome_events(attempt, config, outcome)
-            (result,) = await self._commit([(job, events)], *self._pick_claims())
+            (result,) = await self._commit([(job, events)], *self._pick_claims(handover=job))
             if not isinstance(result, StoreError):
-                await self._settle(self._apply(job, result))
-                return
+                return self._apply(job, result)
             if isinstance(result, ConcurrencyConflict):
                 conflicts += 1
                 if conflicts > CONFLICT_RETRIES_MAX:
@@ -601,8 +633,7 @@ class JobManager(IntakeDuties, ClusterDuties):
             fresh = await self._fresh_job(job.id)
             if fresh is None or fresh.status is not Status.RUNNING or \
                     fresh.attempts != job.attempts:
-                await self._settle(fresh)  # cancelled meanwhile: its result is fenced off
-                return
+                return fresh  # cancelled meanwhile: its result is fenced off
             job = attempt.job = fresh
 
     async def _fresh_job(self, job_id: str) -> Job | None:
