@@ -114,9 +114,10 @@ class JobManager(IntakeDuties, ClusterDuties):
         self._jobs: dict[str, Job] = {}  # active jobs this manager knows
         self._running: dict[str, Attempt] = {}
         self._running_by_workflow: dict[str, int] = {}
-        # Attempts whose slot was released but whose outcome is not recorded yet: their
-        # slots stay taken for every claim but the ones made beside that outcome (which
-        # start only if it is recorded), so the log never shows more running than allowed.
+        # On one node, attempts whose slot was released but whose outcome is not recorded
+        # yet: their slots stay taken for every claim but the ones made beside that outcome
+        # (which start only if it is recorded), so the log never shows more running than
+        # allowed. (In a cluster the store checks the limits against the log itself.)
         self._finishing: dict[str, str] = {}  # job id -> workflow
         self._finishing_by_workflow: dict[str, int] = {}
         self._handover: str | None = None  # the workflow of the slot being handed over
@@ -592,6 +593,12 @@ class JobManager(IntakeDuties, ClusterDuties):
             await self._settle(await self._fresh_job(job.id))
             return
         self._release(job)
+        if self.cluster is not None:
+            # The store checks the cluster's limits against the log under its lock, where
+            # this job runs until its outcome lands: the scheduler's own claims may share
+            # the outcome's commit (holding the slot back cost a commit of its own per job).
+            await self._settle(await self._record_outcome(attempt, config, outcome))
+            return
         self._finishing[job.id] = job.workflow_name
         self._finishing_by_workflow[job.workflow_name] = \
             self._finishing_by_workflow.get(job.workflow_name, 0) + 1
