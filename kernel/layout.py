@@ -55,6 +55,8 @@ def fit_name(name: str, room: int) -> str:
     """`name` shortened to at most `room` bytes of UTF-8, its stem cut (and marked `~`)
     and its extension kept; a name that fits is returned as it is. Bytes that are not
     UTF-8 (a name read with surrogateescape) count, and stay, as the bytes they are."""
+    if len(name) * 4 <= room:  # fits whatever its characters (4 bytes at most each)
+        return name
     raw = name.encode("utf-8", "surrogateescape")
     if len(raw) <= room:
         return name
