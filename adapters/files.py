@@ -352,10 +352,18 @@ class HotFolders:
     # -- the moves, in a worker thread -------------------------------------------------
 
     def _candidates(self, job: Job) -> list[str]:
-        """Every place the lifecycle may have left the job's file, most advanced first."""
+        """Every place the lifecycle may have left the job's file, most advanced first.
+
+        A long name's file moved before names were shortened (`layout.fit_name`) lies
+        under its whole name: looked for too, and moved on under the shortened one."""
         places = [layout.processing_path(job), layout.error_path(job), job.file_path]
         if job.finished_at is not None:
             places.insert(0, layout.archive_path(job, job.finished_at))
+        whole = f"{job.id}--{job.file_path.rpartition('/')[2]}"
+        stored = layout.stored_name(job)
+        if whole != stored:
+            places[-1:-1] = [place.rpartition("/")[0] + "/" + whole
+                             for place in places[:-1]]
         return [self._path(place) for place in places]
 
     def _find(self, job: Job) -> str | None:

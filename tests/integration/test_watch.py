@@ -936,3 +936,26 @@ async def test_a_file_dropped_while_its_pending_jobs_file_is_in_processing_waits
         answer = await kernel._watch_submit(WORKFLOW)("b.txt", "stable:0ms", None)
         assert answer == LATER
         assert len(await kernel.store.active_jobs(WORKFLOW)) == 1
+
+
+async def test_a_long_names_file_moved_under_its_whole_name_before_an_upgrade_is_found(
+        tmp_path: Path) -> None:
+    """A 220-byte name fitted `{job_id}--name` before names were shortened: a file an
+    earlier version moved to processing/ under its whole name is found, and its job
+    completes (it was looked for under the shortened name only: FileMissing)."""
+    name = "a" * 216 + ".txt"
+    data = tmp_path / "data"
+    async with Kernel.open(data_dir=data) as kernel:
+        kernel.register_workflow(WORKFLOW, Noop(), config=WorkflowConfig(enabled=False))
+        await kernel.ready()
+        (data / WORKFLOW / "input" / name).write_bytes(b"from before the upgrade\n")
+        job = await kernel.submit(WORKFLOW, name)
+    whole = data / WORKFLOW / "processing" / f"{job.id}--{name}"
+    os.rename(data / WORKFLOW / "input" / name, whole)
+    assert layout.stored_name(job) != whole.name
+    async with Kernel.open(data_dir=data) as kernel:
+        kernel.register_workflow(WORKFLOW, Noop())
+        await kernel.ready()
+        done = await kernel.wait(job.id, timeout_s=WAIT_S)
+    assert done.status is Status.COMPLETED, done.error
+    assert (data / done.current_path).read_bytes() == b"from before the upgrade\n"
