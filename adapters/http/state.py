@@ -26,3 +26,4 @@ class AppState:
     started_s: float = field(default_factory=time.monotonic)
     scanner_ping: Callable[[], Awaitable[bool]] | None = None
     alerts: Any = None  # the AlertEngine, when alert rules are configured
+    store_probe: tuple[float, Any] | None = None  # /readyz's last write probe: (when, Check)

@@ -21,6 +21,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+import adapters.http.ops
 from adapters import Kernel
 from adapters.config import Settings
 from adapters.fsutil import TEMP_SUFFIX
@@ -282,16 +283,20 @@ class RefusesWrites:
         return self._real.executemany(sql, *args)
 
 
-async def test_readyz_is_503_while_the_store_refuses_writes(tmp_path: Path) -> None:
+async def test_readyz_is_503_while_the_store_refuses_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """/readyz proves the store writable with a write: a store whose disk refuses every
     write is "not ready" (it answered from memory, and a load balancer kept sending work
-    to a node that could take none), and ready again once writes work."""
+    to a node that could take none), and ready again once writes work. Within a second
+    the last probe's answer is given again, with no write."""
     async with kernel_app(tmp_path / "data", disk_free_min_bytes=0) as (kernel, app), \
             client(app) as http:
         assert (await http.get("/readyz")).status_code == 200
         store: Any = kernel.store
         real, store._writer = store._writer, RefusesWrites(store._writer)
         try:
+            assert (await http.get("/readyz")).status_code == 200  # the last probe's answer
+            monkeypatch.setattr(adapters.http.ops, "PROBE_EVERY_S", 0.0)
             ready = await http.get("/readyz")
             assert ready.status_code == 503, ready.text
             assert any(c["name"] == "store" and not c["ok"] for c in ready.json()["checks"])
