@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import msgspec
+
 from kernel.chain import GENESIS, link
 from kernel.events import Event, JobCreated, JobRetried, encode_event, event_tag
 from kernel.ports import Append, ConcurrencyConflict, DuplicateJob, NotAfter, StoreError
@@ -102,7 +104,8 @@ class Batch:
             return self.prepare(job_id, events, expected_version)
         except StoreError as exc:
             return exc
-        except Exception as exc:
+        except (ValueError, TypeError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
+            # What encoding can refuse; a store's own failure (a read) is not the events'.
             return StoreError(f"the event cannot be stored: {type(exc).__name__}: {exc}"[:2000])
 
     def prepare(self, job_id: str, events: Sequence[Event], expected_version: int) -> list[Row]:
