@@ -125,7 +125,8 @@ async def _serve(settings: Settings, signals: Any) -> None:
                            drain_grace_s=settings.drain_grace_s,
                            scanner=settings.scanner) as kernel:
         state = AppState(kernel=kernel, settings=settings, tokens=tokens,
-                         scanner_ping=kernel.scanner.reachable if kernel.scanner else None)
+                         scanner_ping=kernel.scanner.reachable if kernel.scanner else None,
+                         starting=True)
         state.workflow_problems.update(register_all(kernel, settings))
         await sweep_staging_at_start(kernel)
         await kernel._tg.start(partial(
@@ -145,6 +146,7 @@ async def _serve(settings: Settings, signals: Any) -> None:
                                  f"{settings.host}:{settings.port}")
             if settings.watchers:
                 await kernel.start_watchers()
+            state.starting = False
             upkeep = anyio.CancelScope()
             await tg.start(_upkeep, kernel, settings, upkeep)
             log.info("started", url=f"http://{settings.host}:{settings.port}",

@@ -32,6 +32,7 @@ IGNORED = (".*", "*.tmp", "*.part", "*.crdownload", "*.multiflow-tmp", "*.error.
 MARKER_SUFFIX = ".done"
 RESTART_BACKOFF_MAX_S = 30.0
 SUBMITS_IN_FLIGHT = 64
+FIRST_RESCAN_S = 1.0  # the scan that closes the gap before notifications are live
 HEALTHY_RUN_S = 60.0  # a run this long resets the restart backoff
 RUST_TIMEOUT_MS = 250  # how often watchfiles' thread looks at its stop event
 
@@ -143,6 +144,11 @@ class BaseWatcher:
         return self._included is None or bool(self._included.match(os.path.normcase(base)))
 
     async def _rescan_periodically(self) -> None:
+        # Once soon after the start: a file dropped between the first scan and the moment
+        # the notifications are live (watchfiles sets its watch up in the background) is
+        # found now, not a whole interval later.
+        await anyio.sleep(min(FIRST_RESCAN_S, self.config.rescan_interval_s))
+        await self.scan()
         while True:
             await anyio.sleep(self.config.rescan_interval_s)
             await self.scan()

@@ -77,8 +77,9 @@ async def readyz(request: Request) -> Response:
 
 async def _health(request: Request) -> Health:
     state = app_state(request)
-    checks = [Check("accepting", not state.draining,
-                    "draining: finishing running jobs" if state.draining else "")]
+    checks = [Check("accepting", not state.draining and not state.starting,
+                    "draining: finishing running jobs" if state.draining else
+                    "starting: the watchers are not started yet" if state.starting else "")]
     checks.append(await _store_check(request))
     checks.append(_disk_check(request))
     for name, watcher in sorted(state.kernel.watchers.items()):

@@ -27,3 +27,4 @@ class AppState:
     scanner_ping: Callable[[], Awaitable[bool]] | None = None
     alerts: Any = None  # the AlertEngine, when alert rules are configured
     store_probe: tuple[float, Any] | None = None  # /readyz's last write probe: (when, Check)
+    starting: bool = False  # set by `multiflow run` until its watchers are started

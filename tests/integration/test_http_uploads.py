@@ -303,3 +303,17 @@ async def test_readyz_is_503_while_the_store_refuses_writes(
         finally:
             store._writer = real
         assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_readyz_is_503_until_the_watchers_are_started(tmp_path: Path) -> None:
+    """`multiflow run` answers HTTP before its watchers start: until they do, /readyz is
+    503 "starting" (it was 200, and a file dropped at once could wait for the rescan)."""
+    async with kernel_app(tmp_path / "data", disk_free_min_bytes=0) as (kernel, _):
+        settings = Settings(api_tokens=[f"test:{TOKEN}"], disk_free_min_bytes=0)
+        state = AppState(kernel=kernel, settings=settings, tokens=[f"test:{TOKEN}"],
+                         starting=True)
+        async with client(create_app(state)) as http:
+            starting = await http.get("/readyz")
+            assert starting.status_code == 503 and "starting" in starting.text
+            state.starting = False
+            assert (await http.get("/readyz")).status_code == 200

@@ -73,7 +73,11 @@ def test_the_tutorial_from_zero_to_a_completed_job(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert items[0]["result"] == {"lines": 2, "words": 3}
         assert (tmp_path / "data/wordcount/output/hello.txt.summary.json").is_file()
-    finally:
+    except BaseException:
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=30)
+        print(output[-6000:])  # the server's own account, shown with the failure
+        raise
+    server.send_signal(signal.SIGTERM)
+    output, _ = server.communicate(timeout=30)
     assert server.returncode == 0, output

@@ -959,3 +959,15 @@ async def test_a_long_names_file_moved_under_its_whole_name_before_an_upgrade_is
         done = await kernel.wait(job.id, timeout_s=WAIT_S)
     assert done.status is Status.COMPLETED, done.error
     assert (data / done.current_path).read_bytes() == b"from before the upgrade\n"
+
+
+async def test_a_file_dropped_before_notifications_are_live_is_found_at_once(
+        tmp_path: Path) -> None:
+    """A file that lands after the first scan, while the notification watch is still being
+    set up, is found by a second scan a second later (it waited a whole rescan interval,
+    30 s: a tutorial's first drop right after start looked lost)."""
+    async with hot_folder(tmp_path, Noop(), settle_ms=50, watcher=Deaf) as hot:
+        hot.drop("early.txt")
+        with anyio.fail_after(5):
+            job = await hot.job_of("early.txt")
+        assert job.file_path.endswith("early.txt")
