@@ -31,11 +31,11 @@ store_option = click.option(
          "DATA_DIR/multiflow.db].")
 
 
-def settings() -> Settings:
-    """The effective settings (multiflow.toml, .env, MULTIFLOW_* environment); exits 2 with
-    the reason when they are invalid."""
+def settings_for(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """The effective settings (multiflow.toml, .env, MULTIFLOW_* environment), with the
+    command's flags on top; exits 2 with the reason when they are invalid."""
     try:
-        return load_settings()
+        return load_settings(config_file, overrides=overrides)
     except SettingsError as exc:
         fail(str(exc), 2)
         raise  # (fail exits)
@@ -44,10 +44,8 @@ def settings() -> Settings:
 def where(data_dir: Path | None, store: str | None) -> tuple[Path, str | None]:
     """A command's data root and store: its flags, else the settings, as `multiflow run`
     would use them."""
-    if data_dir is not None and store is not None:
-        return data_dir, store
-    found = settings()
-    return data_dir or found.data_path, store if store is not None else found.store
+    found = settings_for(data_dir=str(data_dir) if data_dir else None, store=store)
+    return found.data_path, found.store
 
 
 def is_postgres(store: str | None) -> bool:
@@ -211,7 +209,7 @@ def migrate_store_command(data_dir: Path | None, source: str | None, target: str
     """Copy an SQLite log into PostgreSQL (hash chain preserved and verified), in one
     transaction: refused while a server writes the log; interrupted, it leaves the target
     empty and can run again."""
-    data_dir = data_dir or settings().data_path
+    data_dir = data_dir or settings_for().data_path
     if source is not None and not source.startswith("sqlite:///"):
         source = f"sqlite:///{source}"
     from rich.progress import Progress
@@ -249,7 +247,7 @@ def new_workflow_command(name: str, workflows_dir: Path | None) -> None:
     from adapters.scaffold import ScaffoldError, new_workflow
 
     try:
-        written = new_workflow(name, workflows_dir or Path(settings().workflows_dir))
+        written = new_workflow(name, workflows_dir or Path(settings_for().workflows_dir))
     except ScaffoldError as exc:
         fail(str(exc), 2)
     root = written[0].parent

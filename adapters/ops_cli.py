@@ -28,8 +28,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from adapters import maintenance
-from adapters.cli import console, fail, main, sqlite_path
-from adapters.config import Settings, SettingsError, load_settings
+from adapters.cli import console, fail, main, settings_for, sqlite_path
+from adapters.config import Settings
 from adapters.http.security import read_token_file
 from adapters.sqlite.lock import WriterLock
 from kernel.ports import StoreError, StoreLocked
@@ -155,14 +155,6 @@ def die(message: str, code: int = 1) -> NoReturn:
     """Print an error and exit with `code`."""
     fail(message, code)
     raise SystemExit(code)  # fail() exits; this tells the type checker so
-
-
-def settings_for(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """The effective settings, with the command's flags on top; exits 2 when invalid."""
-    try:
-        return load_settings(config_file, overrides=overrides)
-    except SettingsError as exc:
-        die(str(exc), 2)
 
 
 def connect(url: str, token: str | None, data_dir: Path | None) -> Api:
