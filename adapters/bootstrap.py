@@ -322,12 +322,12 @@ class Kernel:
                 submitted = await self.submit_file(workflow_name, filename,
                                                    completeness="upload", **options)
             except Rejected:
-                await self._take_back(workflow_name, filename)
+                await self._take_back(path)
                 raise
             if submitted.created:
                 return submitted
             # The file placed has no job: nothing of this upload may stay behind.
-            await self._take_back(workflow_name, filename)
+            await self._take_back(path)
             key = options.get("idempotency_key")
             if key is not None and submitted.job.idempotency_key == key:
                 return submitted  # the same upload, made meanwhile by a retry: its job
@@ -349,10 +349,10 @@ class Kernel:
             raise Rejected("exists", _still_active(path, active))
         return path
 
-    async def _take_back(self, workflow_name: str, filename: str) -> None:
+    async def _take_back(self, path: str) -> None:
         """Remove an upload placed in input/ whose job was not made (still API-owned, so
         no watcher has looked at it)."""
-        target = self.files.data_dir / workflow_name / "input" / filename
+        target = self.files.absolute(path)
         await anyio.to_thread.run_sync(lambda: target.unlink(missing_ok=True))
 
     def input_file(self, workflow_name: str, file_path: str) -> str:

@@ -170,11 +170,12 @@ class HotFolders:
             os.fsync(fd)
         finally:
             os.close(fd)
-        target = self.data_dir / workflow_name / "input" / name
-        if target.exists():
-            raise FileExistsError(f"{workflow_name}/input/{name} already exists")
-        move(staged, target)
-        return layout.input_path(workflow_name, name)
+        relative = layout.input_path(workflow_name, name)
+        try:
+            move(staged, self.absolute(relative))  # never over a file (one name, two uploads)
+        except FileExistsError:
+            raise FileExistsError(f"{relative} already exists") from None
+        return relative
 
     @staticmethod
     def input_file_path(workflow_name: str, name: str) -> str:
