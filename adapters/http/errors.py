@@ -85,8 +85,10 @@ async def client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)
 
 
-def declared_length(value: str | None) -> int | None:
-    """A Content-Length header's value, or None when absent or not a plain number."""
+def plain_number(value: str | None) -> int | None:
+    """A header's, query's or path's value as a whole number (ASCII digits, at most 19: a
+    64-bit one), or None when absent or anything else ("²" is a digit to `str.isdigit`,
+    and `int` refuses 5,000 digits)."""
     if value is None or not value.isascii() or not value.isdigit() or len(value) > 19:
         return None
     return int(value)

@@ -8,7 +8,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from adapters.http.errors import ApiError
+from adapters.http.errors import ApiError, plain_number
 from adapters.http.jobs import app_state, json_response
 from adapters.notify.records import AlertRecord, DeadLetter, NotificationStore
 from adapters.notify.webhooks import SendFailed, redeliver
@@ -40,19 +40,21 @@ def _number(request: Request, name: str, default: int, low: int, high: int) -> i
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
+    number = plain_number(raw)
+    if number is None or not low <= number <= high:
         raise ApiError(422, f"{name} must be a whole number within {low}..{high}", field=name)
-    return int(raw)
+    return number
 
 
 async def redeliver_letter(request: Request) -> Response:
     """POST /api/notifications/dead/{letter_id}/redeliver: one more try, now."""
     raw = request.path_params["letter_id"]
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+    letter_id = plain_number(raw)
+    if letter_id is None:
         raise ApiError(404, f"no dead letter {raw}")
     records = _records(request)
-    found = await records.list_dead_letters(1, int(raw) - 1)
-    letter = found[0] if found and found[0].id == int(raw) else None
+    found = await records.list_dead_letters(1, letter_id - 1)
+    letter = found[0] if found and found[0].id == letter_id else None
     if letter is None:
         raise ApiError(404, f"no dead letter {raw}")
     targets = {t.name: t for t in app_state(request).settings.webhooks}

@@ -11,7 +11,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from adapters.http.errors import ApiError, declared_length
+from adapters.http.errors import ApiError, plain_number
 from adapters.http.jobs import app_state, created_response, decode_json
 from adapters.http.schemas import Name, Priority
 from kernel.decide import has_control_characters
@@ -82,7 +82,7 @@ async def _upload(request: Request, workflow_name: str) -> Response:
 
 async def _stage(request: Request, staging: Path, limit_bytes: int) -> Path:
     """Stream the body to a staging file; 413 (and no file left) past `limit_bytes`."""
-    declared = declared_length(request.headers.get("content-length"))
+    declared = plain_number(request.headers.get("content-length"))
     if declared is not None and declared > limit_bytes:
         raise ApiError(413, f"the upload is over the limit of {limit_bytes} bytes")
     path = staging / f"upload-{secrets.token_hex(8)}"

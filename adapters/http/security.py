@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters.config import Settings, token_name, token_secret
-from adapters.http.errors import ApiError, declared_length, problem_response
+from adapters.http.errors import ApiError, plain_number, problem_response
 
 TOKEN_FILE = ".api-token"
 PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/openapi.json", "/docs", "/"})
@@ -156,7 +156,7 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
     Read from the ASGI messages themselves: Starlette's `stream()` generator cost more
     than the rest of reading a small JSON body.
     """
-    declared = declared_length(request.headers.get("content-length"))
+    declared = plain_number(request.headers.get("content-length"))
     if declared is not None and declared > limit_bytes:
         raise ApiError(413, f"the body is over the limit of {limit_bytes} bytes")
     chunks: list[bytes] = []
