@@ -9,6 +9,7 @@ failed commit (a full disk) leaves the ledger as the disk is.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import msgspec
 
@@ -184,3 +185,22 @@ def conditions(appends: Sequence[Append]) -> list[tuple[int, ...]]:
 def unmet(job_id: str) -> NotAfter:
     """The refusal of an append whose batch's earlier appends were not all stored."""
     return NotAfter(f"job {job_id} not claimed: the append before it was refused")
+
+
+class Linked(Protocol):
+    """A store's pending append, linked to those it depends on (`conditions`)."""
+
+    error: StoreError | None
+
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def requires(self) -> Sequence[Linked]: ...
+
+
+def refuse_if_unmet(request: Linked) -> bool:
+    """Refuse (`unmet`) a request whose batch's earlier appends were not all stored."""
+    if any(required.error is not None for required in request.requires):
+        request.error = unmet(request.job_id)
+        return True
+    return False

@@ -36,7 +36,7 @@ import psycopg.errors
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from adapters.ledger import Batch, Ledger, unmet
+from adapters.ledger import Batch, Ledger, refuse_if_unmet
 from adapters.memory import page_of
 from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.postgres import schema
@@ -287,7 +287,7 @@ class PostgresEventStore:
         owners = {(r[0], r[1]): r[2] for r in await keys.fetchall()} if keys else {}
         batch = ledger.begin(load, lambda wf, key: owners.get((wf, key)))
         for request in requests:
-            if request.limits is None and not _unmet(request):
+            if request.limits is None and not refuse_if_unmet(request):
                 _stage(batch, request)
         if claims:
             _count_changes(running, known, batch)
@@ -682,14 +682,6 @@ def _stage(batch: Batch, request: Request) -> bool:
     return True
 
 
-def _unmet(request: Request) -> bool:
-    """Refuse a request whose batch's earlier appends were not all stored."""
-    if any(required.error is not None for required in request.requires):
-        request.error = unmet(request.job_id)
-        return True
-    return False
-
-
 def _units(requests: list[Request]) -> list[list[Request]]:
     """The group split into what can be written alone: each append on its own, each
     claim's candidates together (its slots are counted across them)."""
@@ -728,7 +720,7 @@ def _take_claims(batch: Batch, claims: list[Request], running: dict[str, int],
     for request in claims:
         limits = request.limits
         assert limits is not None
-        if _unmet(request):
+        if refuse_if_unmet(request):
             continue
         staged = batch.jobs.get(request.job_id)
         actual = staged.version if staged is not None else versions.get(request.job_id, 0)

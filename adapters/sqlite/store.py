@@ -24,7 +24,7 @@ import anyio
 import anyio.lowlevel
 
 from adapters.groupcommit import GroupCommitter, PendingAppend
-from adapters.ledger import Batch, Ledger, unmet
+from adapters.ledger import Batch, Ledger, refuse_if_unmet
 from adapters.memory import Notifier, page_of
 from adapters.notify.records import AlertRecord, DeadLetter
 from adapters.sqlite import schema
@@ -127,8 +127,7 @@ class SqliteEventStore:
         batch = self._ledger.begin(known.get, self._load_key)
         accepted: list[PendingAppend] = []
         for request in requests:
-            if any(required.error is not None for required in request.requires):
-                request.error = unmet(request.job_id)
+            if refuse_if_unmet(request):
                 continue
             rows = batch.try_prepare(request.job_id, request.events, request.expected_version)
             if isinstance(rows, StoreError):
