@@ -120,7 +120,6 @@ class JobManager(IntakeDuties, ClusterDuties):
         # allowed. (In a cluster the store checks the limits against the log itself.)
         self._finishing: dict[str, str] = {}  # job id -> workflow
         self._finishing_by_workflow: dict[str, int] = {}
-        self._handover: str | None = None  # the workflow of the slot being handed over
         self._intake: deque[str] = deque()
         self._intake_ready = anyio.Event()
         # Claims whose store call failed, which may have committed all the same: job id ->
@@ -420,23 +419,22 @@ class JobManager(IntakeDuties, ClusterDuties):
             return claims, 0
         spares = SPARE_CANDIDATES if self.cluster is not None and self._peers else 0
         now = self.clock.now()
-        self._handover = handover.workflow_name if handover is not None else None
-        try:
-            while len(claims) < free + spares:
-                job = self.queue.pick(now, self._can_start)
-                if job is None:
-                    break
-                self._reserve(job)
-                claims.append(job)
-        finally:
-            self._handover = None
+        handed = handover.workflow_name if handover is not None else None
+        while len(claims) < free + spares:
+            job = self.queue.pick(now, lambda job: self._can_start(job, handed))
+            if job is None:
+                break
+            self._reserve(job)
+            claims.append(job)
         slots = min(free, len(claims))
         if self.cluster is not None:
             self._candidates += len(claims)
             self._offered += slots
         return claims, slots
 
-    def _can_start(self, job: Job) -> bool:
+    def _can_start(self, job: Job, handed: str | None = None) -> bool:
+        """Whether `job` may start now; `handed`: the workflow of a finishing attempt whose
+        slot the claim is made beside (its own, to take)."""
         if job.id in self._running:
             return False  # its previous attempt is still winding down
         workflow = self.workflows.get(job.workflow_name)
@@ -453,7 +451,7 @@ class JobManager(IntakeDuties, ClusterDuties):
         if limit is None:
             return True
         name = job.workflow_name
-        finishing = self._finishing_by_workflow.get(name, 0) - (self._handover == name)
+        finishing = self._finishing_by_workflow.get(name, 0) - (handed == name)
         return self._running_by_workflow.get(name, 0) + finishing < limit
 
     def _reserve(self, job: Job) -> None:
