@@ -591,21 +591,22 @@ class JobManager(IntakeDuties, ClusterDuties):
             await self._settle(await self._fresh_job(job.id))
             return
         self._release(job)
-        if self.cluster is not None:
-            # The store checks the cluster's limits against the log under its lock, where
-            # this job runs until its outcome lands: the scheduler's own claims may share
-            # the outcome's commit (holding the slot back cost a commit of its own per job).
-            await self._settle(await self._record_outcome(attempt, config, outcome))
-            return
-        self._finishing[job.id] = job.workflow_name
-        self._finishing_by_workflow[job.workflow_name] = \
-            self._finishing_by_workflow.get(job.workflow_name, 0) + 1
+        # On one node the slot stays taken for the scheduler until the outcome is recorded.
+        # In a cluster the store checks the limits against the log under its lock, where
+        # this job runs until its outcome lands: the scheduler's own claims may share the
+        # outcome's commit (holding the slot back cost a commit of its own per job).
+        held = self.cluster is None
+        if held:
+            self._finishing[job.id] = job.workflow_name
+            self._finishing_by_workflow[job.workflow_name] = \
+                self._finishing_by_workflow.get(job.workflow_name, 0) + 1
         try:
             ended = await self._record_outcome(attempt, config, outcome)
         finally:
-            del self._finishing[job.id]
-            self._finishing_by_workflow[job.workflow_name] -= 1
-            self._wake()
+            if held:
+                del self._finishing[job.id]
+                self._finishing_by_workflow[job.workflow_name] -= 1
+                self._wake()
         await self._settle(ended)
 
     async def _record_outcome(self, attempt: Attempt, config: WorkflowConfig,
